@@ -1,0 +1,179 @@
+"""PyTorch state dict → Flax variables: a rename rule, a layout rule, and a check against `jax.eval_shape`.
+
+Rename: diffusers keys become Flax paths by joining a list index to the name before it
+(`blocks.3.attention.to_q.weight` → `params/blocks_3/attention/to_q/kernel`); the original Würstchen repo's
+names are first rewritten to diffusers' (`attn.in_proj_weight` split into to_q/to_k/to_v, `attn.out_proj` →
+`to_out.0`, `vquantizer.codebook` → `vquantizer.embedding`). BatchNorm running stats go to `batch_stats`.
+Layout: a 4-D `kernel` is OIHW → HWIO (ConvTranspose's [in, out, kh, kw] takes the same permutation and is
+used with `transpose_kernel=True`), a 2-D `kernel` is transposed, everything else is copied.
+Every key is matched and every shape checked before the first tensor is read; any mismatch raises one
+`WeightsError` listing all missing, unexpected and mis-shaped keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import traverse_util
+
+from wurst_jax.weights.errors import WeightsError
+
+Path = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRef:
+    """A source tensor known by shape before it is read: `read()` returns it as a numpy array."""
+
+    shape: tuple[int, ...]
+    read: Callable[[], np.ndarray]
+
+
+_PREFIXES = ("module.", "_orig_mod.")
+_ORIGINAL_RENAMES = (
+    (re.compile(r"(^|\.)attn\.out_proj\."), r"\1to_out.0."),
+    (re.compile(r"^vquantizer\.codebook\."), "vquantizer.embedding."),
+)
+_IN_PROJ = re.compile(r"(?:^|(?<=\.))attn\.in_proj_(weight|bias)$")
+_LEAF_CANDIDATES = {"weight": ("kernel", "scale", "embedding"), "bias": ("bias",)}
+_STATS = {"running_mean": "mean", "running_var": "var"}
+_SKIP_LEAVES = {"num_batches_tracked"}
+
+
+def canonical_source(source: Mapping[str, TensorRef], root: str = "") -> dict[str, TensorRef]:
+    """Rewrite original-repo / wrapped names to diffusers names, splitting fused in_proj into q, k, v.
+
+    `root` is a top-level module name that some writers omit (transformers ≥ 5 saves CLIP without `text_model.`).
+    """
+    out: dict[str, TensorRef] = {}
+    for key, ref in source.items():
+        for p in _PREFIXES:
+            key = key.removeprefix(p)
+        if root and not key.startswith(root):
+            key = root + key
+        for pattern, repl in _ORIGINAL_RENAMES:
+            key = pattern.sub(repl, key)
+        m = _IN_PROJ.search(key)
+        if m and ref.shape and ref.shape[0] % 3 == 0:
+            n = ref.shape[0] // 3
+            for i, name in enumerate(("to_q", "to_k", "to_v")):
+                part = lambda r=ref.read, i=i: r()[i * n : (i + 1) * n]
+                out[key[: m.start()] + f"{name}.{m.group(1)}"] = TensorRef((n, *ref.shape[1:]), part)
+        else:
+            out[key] = ref
+    return out
+
+
+def flax_candidates(key: str) -> list[Path]:
+    """The Flax variable paths a diffusers key may land on (the target tree decides which exists)."""
+    *mods, leaf = key.split(".")
+    path: list[str] = []
+    for m in mods:
+        if m.isdigit() and path:
+            path[-1] += f"_{m}"
+        else:
+            path.append(m)
+    if leaf in _STATS:
+        return [("batch_stats", *path, _STATS[leaf])]
+    return [("params", *path, name) for name in _LEAF_CANDIDATES.get(leaf, (leaf,))]
+
+
+def to_flax_layout(path: Path, x: np.ndarray) -> np.ndarray:
+    if path[-1] == "kernel" and x.ndim == 4:
+        return x.transpose(2, 3, 1, 0)
+    if path[-1] == "kernel" and x.ndim == 2:
+        return x.T
+    return x
+
+
+def _layout_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return to_flax_layout(path, np.empty(shape, dtype=np.bool_)).shape
+
+
+def convert(
+    source: Mapping[str, TensorRef],
+    target: Any,
+    name: str,
+    ignore: tuple[str, ...] = (),
+    root: str = "",
+    place: Callable[[Path, np.ndarray, Any], jax.Array] | None = None,
+) -> dict:
+    """Convert `source` into a variables tree shaped like `target` (a `jax.eval_shape` tree of the module).
+
+    `name` (the file or folder) goes into every error message. `ignore` holds regexes of source keys that are
+    dropped silently (buffers such as CLIP's `position_ids`); `root` see `canonical_source`. `place(path, array, target_leaf)` puts each
+    converted leaf on device(s) — by default `jnp.asarray` in the target dtype — so no full host copy of the
+    tree is ever built.
+    """
+    flat_target = traverse_util.flatten_dict(target)
+    plan: dict[Path, tuple[str, TensorRef]] = {}
+    unexpected, misshaped = [], []
+    for key, ref in canonical_source(source, root).items():
+        if any(re.search(p, key) for p in ignore) or key.rsplit(".", 1)[-1] in _SKIP_LEAVES:
+            continue
+        path = next((p for p in flax_candidates(key) if p in flat_target), None)
+        if path is None:
+            unexpected.append(key)
+            continue
+        want = tuple(flat_target[path].shape)
+        got = _layout_shape(path, ref.shape)
+        if got != want:
+            misshaped.append(f"{key}: checkpoint {tuple(ref.shape)}, model expects {_torch_shape(path, want)}")
+            continue
+        plan[path] = (key, ref)
+    missing = ["/".join(p) for p in flat_target if p not in plan]
+    if missing or unexpected or misshaped:
+        lines = [f"{name}: the weights do not fit the model"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if keys:
+                lines.append(f"  {title} ({len(keys)}):")
+                lines += [f"    {k}" for k in keys]
+        raise WeightsError("\n".join(lines))
+    place = place or _default_place
+    out = {}
+    for path, (key, ref) in plan.items():
+        arr = to_flax_layout(path, _as_numpy(ref.read()))
+        out[path] = place(path, np.ascontiguousarray(arr), flat_target[path])
+    return traverse_util.unflatten_dict(out)
+
+
+def _torch_shape(path: Path, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    if path[-1] == "kernel" and len(flax_shape) == 4:
+        h, w, i, o = flax_shape
+        return (o, i, h, w)
+    if path[-1] == "kernel" and len(flax_shape) == 2:
+        return flax_shape[::-1]
+    return flax_shape
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "detach"):  # a torch tensor, without importing torch
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":
+            return x.view(dtype=_torch_int16(x)).numpy().view(ml_dtypes.bfloat16)
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _torch_int16(x: Any) -> Any:
+    import torch  # only reached with a torch tensor in hand
+
+    return torch.int16
+
+
+def _default_place(path: Path, arr: np.ndarray, like: Any) -> jax.Array:
+    return jnp.asarray(arr, dtype=like.dtype)
+
+
+def state_dict_source(state_dict: Mapping[str, Any]) -> dict[str, TensorRef]:
+    """In-memory state dict (torch tensors or numpy arrays) → `TensorRef`s."""
+    return {k: TensorRef(tuple(v.shape), (lambda v=v: _as_numpy(v))) for k, v in state_dict.items()}
