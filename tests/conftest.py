@@ -80,3 +80,72 @@ def rel_err(ours, ref) -> float:
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# ---------------------------------------------------------------- tiny text-to-image checkpoints on disk
+
+
+def clip_tokenizer(folder):
+    """The real CLIP BPE tokenizer (vocabulary from open_clip's wheel, built as open_clip does) saved to `folder`."""
+    import gzip
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from transformers import CLIPTokenizer
+
+    spec = importlib.util.find_spec("open_clip")
+    bpe = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    vocab = list(_bytes_to_unicode().values())
+    vocab += [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    tok.save_pretrained(str(folder))
+    return tok
+
+
+def _bytes_to_unicode():
+    """GPT-2/CLIP byte → printable character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+TEXT_CFG = dict(vocab_size=49408, hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """diffusers pipelines of tiny random components, saved as `wuerstchen/` and `wuerstchen-prior/` folders.
+
+    Returns (decoder_dir, prior_dir, combined diffusers pipeline).
+    """
+    from diffusers import (
+        DDPMWuerstchenScheduler,
+        WuerstchenCombinedPipeline,
+        WuerstchenDecoderPipeline,
+        WuerstchenPriorPipeline,
+    )
+
+    root = tmp_path_factory.mktemp("ckpt")
+    tok = clip_tokenizer(root / "tok")
+    te_prior = torch_clip(wj.CLIPTextConfig(**TEXT_CFG), seed=1)
+    te_dec = torch_clip(wj.CLIPTextConfig(**TEXT_CFG, hidden_act="quick_gelu"), seed=2)
+    prior, decoder, vqgan = torch_prior(seed=3), torch_decoder(seed=4), torch_vqgan(seed=5)
+    s = DDPMWuerstchenScheduler()
+    WuerstchenPriorPipeline(tok, te_prior, prior, s).save_pretrained(root / "wuerstchen-prior")
+    WuerstchenDecoderPipeline(tok, te_dec, decoder, s, vqgan).save_pretrained(root / "wuerstchen")
+    combined = WuerstchenCombinedPipeline(tok, te_dec, decoder, s, vqgan, tok, te_prior, prior, s)
+    combined.set_progress_bar_config(disable=True)
+    return root / "wuerstchen", root / "wuerstchen-prior", combined

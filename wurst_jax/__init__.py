@@ -1,7 +1,7 @@
 """wurst_jax: Würstchen v2 text-to-image in JAX/Flax.
 
-The public surface: the stage modules and their configs, `load_component` / `convert_state_dict` for
-PyTorch weights, and `WeightsError`, the exception every weight problem raises.
+The public surface: the text-to-image pipelines, the stage modules and their configs, `load_component` /
+`convert_state_dict` for PyTorch weights, and `WeightsError`, the exception every weight problem raises.
 """
 
 from wurst_jax.models import (
@@ -14,11 +14,27 @@ from wurst_jax.models import (
     WuerstchenDiffNeXt,
     WuerstchenPrior,
 )
+from wurst_jax.pipeline import (
+    ImagePipelineOutput,
+    WuerstchenDecoderPipeline,
+    WuerstchenPipeline,
+    WuerstchenPriorPipeline,
+    WuerstchenPriorPipelineOutput,
+)
+from wurst_jax.pipeline_io import enable_compilation_cache
+from wurst_jax.scheduler import DEFAULT_STAGE_C_TIMESTEPS
 from wurst_jax.weights import WeightsError, convert_state_dict, load_component
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_STAGE_C_TIMESTEPS",
+    "ImagePipelineOutput",
+    "WuerstchenDecoderPipeline",
+    "WuerstchenPipeline",
+    "WuerstchenPriorPipeline",
+    "WuerstchenPriorPipelineOutput",
+    "enable_compilation_cache",
     "CLIPTextConfig",
     "CLIPTextModel",
     "PaellaVQModel",

@@ -53,7 +53,8 @@ def canonical_source(source: Mapping[str, TensorRef], root: str = "") -> dict[st
     `root` is a top-level module name that some writers omit (transformers ≥ 5 saves CLIP without `text_model.`).
     """
     out: dict[str, TensorRef] = {}
-    for key, ref in source.items():
+    for original, ref in source.items():
+        key = original
         for p in _PREFIXES:
             key = key.removeprefix(p)
         if root and not key.startswith(root):
@@ -64,11 +65,17 @@ def canonical_source(source: Mapping[str, TensorRef], root: str = "") -> dict[st
         if m and ref.shape and ref.shape[0] % 3 == 0:
             n = ref.shape[0] // 3
             for i, name in enumerate(("to_q", "to_k", "to_v")):
-                part = lambda r=ref.read, i=i: r()[i * n : (i + 1) * n]
-                out[key[: m.start()] + f"{name}.{m.group(1)}"] = TensorRef((n, *ref.shape[1:]), part)
+                part = lambda r=ref.read, i=i, n=n: r()[i * n : (i + 1) * n]
+                _put(out, key[: m.start()] + f"{name}.{m.group(1)}", TensorRef((n, *ref.shape[1:]), part), original)
         else:
-            out[key] = ref
+            _put(out, key, ref, original)
     return out
+
+
+def _put(out: dict[str, TensorRef], key: str, ref: TensorRef, original: str) -> None:
+    if key in out:
+        raise WeightsError(f"two source tensors map to {key!r} (the second is {original!r})")
+    out[key] = ref
 
 
 def flax_candidates(key: str) -> list[Path]:
@@ -108,13 +115,13 @@ def convert(
     """Convert `source` into a variables tree shaped like `target` (a `jax.eval_shape` tree of the module).
 
     `name` (the file or folder) goes into every error message. `ignore` holds regexes of source keys that are
-    dropped silently (buffers such as CLIP's `position_ids`); `root` see `canonical_source`. `place(path, array, target_leaf)` puts each
-    converted leaf on device(s) — by default `jnp.asarray` in the target dtype — so no full host copy of the
-    tree is ever built.
+    dropped silently (buffers such as CLIP's `position_ids`); for `root` see `canonical_source`.
+    `place(path, array, target_leaf)` puts each converted leaf on device(s) — by default `jnp.asarray` in the
+    target dtype — so no full host copy of the tree is ever built.
     """
     flat_target = traverse_util.flatten_dict(target)
     plan: dict[Path, tuple[str, TensorRef]] = {}
-    unexpected, misshaped = [], []
+    unexpected, misshaped, misshaped_paths = [], [], set()
     for key, ref in canonical_source(source, root).items():
         if any(re.search(p, key) for p in ignore) or key.rsplit(".", 1)[-1] in _SKIP_LEAVES:
             continue
@@ -126,9 +133,10 @@ def convert(
         got = _layout_shape(path, ref.shape)
         if got != want:
             misshaped.append(f"{key}: checkpoint {tuple(ref.shape)}, model expects {_torch_shape(path, want)}")
+            misshaped_paths.add(path)
             continue
         plan[path] = (key, ref)
-    missing = ["/".join(p) for p in flat_target if p not in plan]
+    missing = ["/".join(p) for p in flat_target if p not in plan and p not in misshaped_paths]
     if missing or unexpected or misshaped:
         lines = [f"{name}: the weights do not fit the model"]
         for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
@@ -139,7 +147,10 @@ def convert(
     place = place or _default_place
     out = {}
     for path, (key, ref) in plan.items():
-        arr = to_flax_layout(path, _as_numpy(ref.read()))
+        raw = _as_numpy(ref.read())
+        if raw.shape != tuple(ref.shape):
+            raise WeightsError(f"{name}: tensor {key!r} reads as {raw.shape}, its header says {tuple(ref.shape)}")
+        arr = to_flax_layout(path, raw)
         out[path] = place(path, np.ascontiguousarray(arr), flat_target[path])
     return traverse_util.unflatten_dict(out)
 

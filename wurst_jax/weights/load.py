@@ -112,7 +112,12 @@ def load_component(path: str | Path, dtype: Any = jnp.float32, param_dtype: Any 
     files = weight_files(folder, stem)
     source = {k: TensorRef(f.shape(k), (lambda f=f, k=k: f.get(k))) for k, f in iter_tensors(files)}
     label = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
-    return module, convert(source, abstract_variables(module), label, ignore, root)
+    try:
+        target = abstract_variables(module)
+    except Exception as e:  # a config that passes the dataclass checks but cannot build the network
+        name = type(config).__name__
+        raise WeightsError(f"{folder / 'config.json'}: this {name} cannot build a model: {e!r}") from None
+    return module, convert(source, target, label, ignore, root)
 
 
 def convert_state_dict(state_dict: Mapping[str, Any], module: nn.Module, name: str = "state_dict") -> dict:

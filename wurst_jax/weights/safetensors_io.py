@@ -94,7 +94,7 @@ class SafetensorsFile:
 
 
 def weight_files(folder: Path, stem: str) -> list[Path]:
-    """The safetensors files of a component: `stem.safetensors`, or the shards listed by `stem.safetensors.index.json`."""
+    """A component's safetensors files: `stem.safetensors`, or the shards named by `stem.safetensors.index.json`."""
     single = folder / f"{stem}.safetensors"
     index = folder / f"{stem}.safetensors.index.json"
     if single.is_file():
