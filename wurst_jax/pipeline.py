@@ -20,7 +20,7 @@ import numpy as np
 from wurst_jax import sampling
 from wurst_jax import scheduler as sched
 from wurst_jax.pipeline_io import Component, compiled, load_pipeline_folder, to_pil
-from wurst_jax.prompts import has_weights, tokenize, tokenize_weighted
+from wurst_jax.prompts import has_weights, strip_weights, tokenize, tokenize_weighted
 
 
 @dataclasses.dataclass
@@ -114,7 +114,7 @@ class _TextStage:
         self.tokenizer, self.encoder, self.progress = tokenizer, encoder, progress
 
     def __call__(self, prompts: list[str]) -> jax.Array:
-        ids, mask = tokenize(self.tokenizer, prompts)
+        ids, mask = tokenize(self.tokenizer, [strip_weights(p) for p in prompts])
         with self.encoder.on_device() as variables:
             states = self._encode(variables, ids, mask)
             if any(has_weights(p) for p in prompts):

@@ -53,6 +53,11 @@ def has_weights(prompt: str) -> bool:
     return any(w != 1.0 for _, w in parse_weighted(prompt))
 
 
+def strip_weights(prompt: str) -> str:
+    """The prompt's text without weighting markup (`a (red)1.3 car` → `a red car`)."""
+    return "".join(text for text, _ in parse_weighted(prompt))
+
+
 def tokenize(tokenizer, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """prompts → (input_ids, attention_mask), both int32 [N, 77], warning when text is cut off."""
     n = tokenizer.model_max_length

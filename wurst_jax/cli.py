@@ -1,0 +1,91 @@
+"""`wurst-jax` command line: `generate` text-to-image PNGs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from wurst_jax.scheduler import DEFAULT_STAGE_C_TIMESTEPS
+
+_DTYPES = ("float32", "bfloat16")
+
+
+def _generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate images from a text prompt", description=__doc__)
+    p.add_argument("prompt", help="what to draw; Compel weighting such as '(red)1.3' or 'circle++' is understood")
+    p.add_argument("--model", required=True, help="decoder folder (warp-ai/wuerstchen layout) or a combined folder")
+    p.add_argument("--prior", help="prior folder (warp-ai/wuerstchen-prior layout); omit for a combined folder")
+    p.add_argument("--out", default="image.png", help="output PNG; several images are numbered (image_0.png, …)")
+    p.add_argument("--negative-prompt", default=None, help="what to steer away from (used when guidance > 1)")
+    p.add_argument("--height", type=int, default=1024, help="image height in pixels (default 1024)")
+    p.add_argument("--width", type=int, default=1024, help="image width in pixels (default 1024)")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument(
+        "--prior-steps",
+        type=int,
+        default=None,
+        help="prior steps, evenly spaced (default: the 29 DEFAULT_STAGE_C_TIMESTEPS the authors recommend)",
+    )
+    p.add_argument("--prior-guidance", type=float, default=4.0, help="prior classifier-free guidance (default 4.0)")
+    p.add_argument("--steps", type=int, default=12, help="decoder steps (default 12)")
+    p.add_argument("--decoder-guidance", type=float, default=0.0, help="decoder guidance (default 0: off)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same images")
+    p.add_argument("--dtype", choices=_DTYPES, default="bfloat16", help="compute and weight dtype (default bfloat16)")
+    p.add_argument("--offload", action="store_true", help="keep inactive stages in host memory")
+    p.add_argument("--cache-dir", help="persistent compilation cache folder (later runs skip compiling)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def generate(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+
+    import wurst_jax as wj
+
+    if args.cache_dir:
+        wj.enable_compilation_cache(args.cache_dir)
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise SystemExit(f"--out must name a .png file, got {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pipe = wj.WuerstchenPipeline.from_pretrained(
+        decoder=args.model,
+        prior=args.prior,
+        dtype=getattr(jnp, args.dtype),
+        offload=args.offload,
+        progress=not args.quiet,
+    )
+    images = pipe(
+        args.prompt,
+        height=args.height,
+        width=args.width,
+        prior_num_inference_steps=args.prior_steps or 60,
+        prior_timesteps=None if args.prior_steps else DEFAULT_STAGE_C_TIMESTEPS,
+        prior_guidance_scale=args.prior_guidance,
+        num_inference_steps=args.steps,
+        decoder_guidance_scale=args.decoder_guidance,
+        negative_prompt=args.negative_prompt,
+        num_images_per_prompt=args.num_images,
+        seed=args.seed,
+    ).images
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
+    for image, path in zip(images, paths, strict=True):
+        image.save(path)
+        print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wurst-jax", description="Würstchen v2 text-to-image in JAX/Flax")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _generate_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return {"generate": generate}[args.command](args)
+    except (ValueError, OSError) as e:  # bad input: one clear line, no traceback
+        print(f"wurst-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
