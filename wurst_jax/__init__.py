@@ -23,6 +23,7 @@ from wurst_jax.pipeline import (
 )
 from wurst_jax.pipeline_io import enable_compilation_cache
 from wurst_jax.scheduler import DEFAULT_STAGE_C_TIMESTEPS
+from wurst_jax.sharding import initialize_distributed, make_mesh
 from wurst_jax.weights import WeightsError, convert_state_dict, load_component
 
 __version__ = "0.1.0"
@@ -35,6 +36,8 @@ __all__ = [
     "WuerstchenPriorPipeline",
     "WuerstchenPriorPipelineOutput",
     "enable_compilation_cache",
+    "initialize_distributed",
+    "make_mesh",
     "CLIPTextConfig",
     "CLIPTextModel",
     "PaellaVQModel",

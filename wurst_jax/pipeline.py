@@ -16,11 +16,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from wurst_jax import sampling
 from wurst_jax import scheduler as sched
 from wurst_jax.pipeline_io import Component, compiled, load_pipeline_folder, to_pil
 from wurst_jax.prompts import has_weights, strip_weights, tokenize, tokenize_weighted
+from wurst_jax.sharding import Placement
 
 
 @dataclasses.dataclass
@@ -110,10 +112,10 @@ def _encode_text(module, variables, ids, mask):
 class _TextStage:
     """A tokenizer and a CLIP text encoder: prompts → last_hidden_state [N, 77, D] (weighted if marked up)."""
 
-    def __init__(self, tokenizer: Any, encoder: Component, progress: Any):
-        self.tokenizer, self.encoder, self.progress = tokenizer, encoder, progress
+    def __init__(self, tokenizer: Any, encoder: Component, progress: Any, placement: Placement):
+        self.tokenizer, self.encoder, self.progress, self.placement = tokenizer, encoder, progress, placement
 
-    def __call__(self, prompts: list[str]) -> jax.Array:
+    def __call__(self, prompts: list[str]) -> np.ndarray:
         ids, mask = tokenize(self.tokenizer, [strip_weights(p) for p in prompts])
         with self.encoder.on_device() as variables:
             states = self._encode(variables, ids, mask)
@@ -124,9 +126,11 @@ class _TextStage:
                 states = empty + w[..., None] * (self._encode(variables, ids_w, mask_w) - empty)
         return states
 
-    def _encode(self, variables, ids, mask):
+    def _encode(self, variables, ids, mask) -> np.ndarray:
         fn = compiled("text_encoder", _encode_text, static=(0,), progress=self.progress)
-        return fn(self.encoder.module, variables, jnp.asarray(ids), jnp.asarray(mask))
+        place = self.placement
+        out = fn(self.encoder.module, variables, place.batch(ids), place.batch(mask))
+        return place.host(out)[: len(ids)]
 
 
 class WuerstchenPriorPipeline:
@@ -142,18 +146,40 @@ class WuerstchenPriorPipeline:
         latent_std: float = 1.0,
         resolution_multiple: float = 42.67,
         progress: bool = True,
+        mesh: Mesh | None = None,
     ):
-        self.text = _TextStage(tokenizer, text_encoder, progress)
+        self.placement = Placement(mesh)
+        self.text = _TextStage(tokenizer, text_encoder, progress, self.placement)
         self.prior, self.scheduler, self.progress = prior, scheduler, progress
         self.latent_mean, self.latent_std, self.resolution_multiple = latent_mean, latent_std, resolution_multiple
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: Any = jnp.float32, offload: bool = False, **kw):
-        parts = load_pipeline_folder(path, ("prior", "text_encoder", "tokenizer"), dtype, offload)
-        cfg = {
-            k: parts["config"][k] for k in ("latent_mean", "latent_std", "resolution_multiple") if k in parts["config"]
-        }
-        return cls(parts["tokenizer"], parts["text_encoder"], parts["prior"], parts["scheduler"], **cfg, **kw)
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: Any = jnp.float32,
+        offload: bool = False,
+        mesh: Mesh | None = None,
+        sharding: str | None = None,
+        progress: bool = True,
+        prefix: str = "",
+    ) -> WuerstchenPriorPipeline:
+        """A `warp-ai/wuerstchen-prior`-style folder (prior/, text_encoder/, tokenizer/, scheduler/); `prefix`
+        names the parts inside a combined folder (`prior_`)."""
+        parts = load_pipeline_folder(
+            path, ("prior", "text_encoder", "tokenizer"), dtype, offload, prefix, mesh, sharding
+        )
+        keys = ("latent_mean", "latent_std", "resolution_multiple")
+        cfg = {k: parts["config"][k] for k in keys if k in parts["config"]}
+        return cls(
+            parts["tokenizer"],
+            parts["text_encoder"],
+            parts["prior"],
+            parts["scheduler"],
+            progress=progress,
+            mesh=mesh,
+            **cfg,
+        )
 
     def latent_size(self, height: Any, width: Any) -> tuple[int, int]:
         """Pixel size → Stage C grid, ceil(size / resolution_multiple) as diffusers."""
@@ -162,21 +188,20 @@ class WuerstchenPriorPipeline:
 
     def encode_prompt(
         self, prompt, negative_prompt, num_images_per_prompt, use_cfg, prompt_embeds=None, negative_prompt_embeds=None
-    ) -> jax.Array:
-        """Text states [N, T, D], followed by the unconditional ones [N, T, D] when `use_cfg`."""
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Text states [N, T, D] per image, and the unconditional ones [N, T, D] when `use_cfg` (else None)."""
         if prompt_embeds is None:
-            prompts = _as_list("prompt", prompt)
-            cond = self.text(prompts)
+            cond = self.text(_as_list("prompt", prompt))
         else:
-            cond = jnp.asarray(prompt_embeds)
+            cond = Placement.host(prompt_embeds).astype(np.float32)
             if cond.ndim != 3:
                 raise ValueError(f"`prompt_embeds` must be [batch, tokens, dim], got shape {cond.shape}")
         b = cond.shape[0]
-        cond = jnp.repeat(cond, num_images_per_prompt, axis=0)
+        cond = np.repeat(cond, num_images_per_prompt, axis=0)
         if not use_cfg:
-            return cond
+            return cond, None
         if negative_prompt_embeds is not None:
-            uncond = jnp.asarray(negative_prompt_embeds)
+            uncond = Placement.host(negative_prompt_embeds).astype(np.float32)
             if uncond.shape != (b, *cond.shape[1:]):
                 raise ValueError(f"`negative_prompt_embeds` shape {uncond.shape} must equal `prompt_embeds` shape")
         else:
@@ -186,7 +211,7 @@ class WuerstchenPriorPipeline:
             if len(negatives) != b:
                 raise ValueError(f"`negative_prompt` has {len(negatives)} entries but `prompt` has {b}")
             uncond = self.text(negatives)
-        return jnp.concatenate([cond, jnp.repeat(uncond, num_images_per_prompt, axis=0)])
+        return cond, np.repeat(uncond, num_images_per_prompt, axis=0)
 
     def __call__(
         self,
@@ -216,37 +241,52 @@ class WuerstchenPriorPipeline:
         h, wd = self.latent_size(height, width)
         if output_type not in ("np", "jax"):
             raise ValueError(f"`output_type` must be 'np' or 'jax', got {output_type!r}")
-        clip = self.encode_prompt(prompt, negative_prompt, n_per, w > 1, prompt_embeds, negative_prompt_embeds)
-        n = clip.shape[0] // (2 if w > 1 else 1)
+        cond, uncond = self.encode_prompt(prompt, negative_prompt, n_per, w > 1, prompt_embeds, negative_prompt_embeds)
+        n = cond.shape[0]
         shape = (h, wd, self.prior.module.config.c_in)
-        keys = image_keys(seed, n)
-        x = draw(keys, 0, shape) if latents is None else _given("latents", latents, (n, *shape))
-        noise = _given("step_noise", step_noise, (len(ts) - 1, n, *shape)) if step_noise is not None else None
-        noise = step_noise_or(noise, keys, 1, len(ts) - 1, shape)
-        loop = compiled(
-            "prior",
-            sampling.prior_loop,
-            static=(0, 7, 8),
-            progress=self.progress,
-            detail=f"{len(ts) - 1} steps × {n} images{' + CFG' if w > 1 else ''}, latent {h}×{wd}",
-        )
+        x, noise = _initial(seed, n, shape, len(ts) - 1, latents, step_noise, streams=(0, 1))
+        detail = f"{len(ts) - 1} steps × {n} images{' + CFG' if w > 1 else ''}, latent {h}×{wd}"
+        loop = compiled("prior", sampling.prior_loop, static=(0, 7, 8), progress=self.progress, detail=detail)
+        place = self.placement
         with self.prior.on_device() as variables:
             out = loop(
-                self.prior.module, variables, x, jnp.asarray(ts), noise, clip, jnp.float32(w), self.scheduler, w > 1
+                self.prior.module,
+                variables,
+                place.batch(x),
+                place.replicated(ts),
+                place.batch(noise, axis=1),
+                _cfg_batch(place, cond, uncond),
+                place.replicated(np.float32(w)),
+                self.scheduler,
+                w > 1,
             )
-        emb = out * self.latent_mean - self.latent_std
-        return WuerstchenPriorPipelineOutput(np.asarray(emb) if output_type == "np" else emb)
+        emb = place.host(out)[:n] * self.latent_mean - self.latent_std
+        return WuerstchenPriorPipelineOutput(emb if output_type == "np" else jnp.asarray(emb))
 
 
-def _given(name: str, value: Any, shape: tuple[int, ...]) -> jax.Array:
-    arr = jnp.asarray(value, jnp.float32)
+def _initial(seed, n, shape, steps, latents, noise, streams) -> tuple[np.ndarray, np.ndarray]:
+    """Initial latents [N, *shape] and per-step noise [S, N, *shape]: given, or drawn from the per-image seeds."""
+    keys = image_keys(seed, n) if latents is None or noise is None else None
+    x = draw(keys, streams[0], shape) if latents is None else _given("latents", latents, (n, *shape))
+    eps = (
+        step_noise(keys, streams[1], steps, shape) if noise is None else _given("step_noise", noise, (steps, n, *shape))
+    )
+    return np.asarray(x), np.asarray(eps)
+
+
+def _given(name: str, value: Any, shape: tuple[int, ...]) -> np.ndarray:
+    arr = Placement.host(value).astype(np.float32)
     if arr.shape != shape:
         raise ValueError(f"`{name}` has shape {arr.shape}, expected {shape}")
     return arr
 
 
-def step_noise_or(noise: jax.Array | None, keys: jax.Array, stream: int, steps: int, shape: tuple[int, ...]):
-    return noise if noise is not None else step_noise(keys, stream, steps, shape)
+def _cfg_batch(place: Placement, cond: np.ndarray, uncond: np.ndarray | None) -> jax.Array:
+    """[cond; uncond] with each half padded to the data axis, so row i of each half belongs to image i."""
+    if uncond is None:
+        return place.batch(cond)
+    pad = lambda a: np.concatenate([a] + [a[-1:]] * (place.padded(len(a)) - len(a)))
+    return place.batch(np.concatenate([pad(cond), pad(uncond)]))
 
 
 class WuerstchenDecoderPipeline:
@@ -261,17 +301,36 @@ class WuerstchenDecoderPipeline:
         scheduler: sched.SchedulerConfig = DEFAULT_SCHEDULER,
         latent_dim_scale: float = 10.67,
         progress: bool = True,
+        mesh: Mesh | None = None,
     ):
-        self.text = _TextStage(tokenizer, text_encoder, progress)
+        self.placement = Placement(mesh)
+        self.text = _TextStage(tokenizer, text_encoder, progress, self.placement)
         self.decoder, self.vqgan, self.scheduler = decoder, vqgan, scheduler
         self.latent_dim_scale, self.progress = latent_dim_scale, progress
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: Any = jnp.float32, offload: bool = False, **kw):
-        parts = load_pipeline_folder(path, ("decoder", "vqgan", "text_encoder", "tokenizer"), dtype, offload)
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: Any = jnp.float32,
+        offload: bool = False,
+        mesh: Mesh | None = None,
+        sharding: str | None = None,
+        progress: bool = True,
+    ) -> WuerstchenDecoderPipeline:
+        """A `warp-ai/wuerstchen`-style folder (decoder/, vqgan/, text_encoder/, tokenizer/, scheduler/)."""
+        parts = ("decoder", "vqgan", "text_encoder", "tokenizer")
+        parts = load_pipeline_folder(path, parts, dtype, offload, "", mesh, sharding)
         cfg = {k: parts["config"][k] for k in ("latent_dim_scale",) if k in parts["config"]}
         return cls(
-            parts["tokenizer"], parts["text_encoder"], parts["decoder"], parts["vqgan"], parts["scheduler"], **cfg, **kw
+            parts["tokenizer"],
+            parts["text_encoder"],
+            parts["decoder"],
+            parts["vqgan"],
+            parts["scheduler"],
+            progress=progress,
+            mesh=mesh,
+            **cfg,
         )
 
     def latent_size(self, h: int, w: int) -> tuple[int, int]:
@@ -300,54 +359,46 @@ class WuerstchenDecoderPipeline:
         output_type: str = "pil",
         step_noise: Any = None,
     ) -> ImagePipelineOutput:
-        """`image_embeddings` [B, h, w, 16]; `prompt`: one for all, or one per embedding."""
-        emb = jnp.asarray(image_embeddings, jnp.float32)
-        if emb.ndim != 4 or emb.shape[-1] != self.decoder.module.config.effnet_embd:
-            raise ValueError(
-                f"`image_embeddings` must be [B, h, w, {self.decoder.module.config.effnet_embd}], got shape {emb.shape}"
-            )
+        """`image_embeddings` [B, h, w, 16]; `prompt`: one for all, or one per embedding (or per group of them)."""
+        emb = Placement.host(image_embeddings).astype(np.float32)
+        c_eff = self.decoder.module.config.effnet_embd
+        if emb.ndim != 4 or emb.shape[-1] != c_eff:
+            raise ValueError(f"`image_embeddings` must be [B, h, w, {c_eff}], got shape {emb.shape}")
         n_per = _check_int("num_images_per_prompt", num_images_per_prompt)
         w = _check_guidance("guidance_scale", guidance_scale)
         ts = _schedule("num_inference_steps", num_inference_steps, timesteps)
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"`output_type` must be 'pil', 'np' or 'latent', got {output_type!r}")
-        emb = jnp.repeat(emb, n_per, axis=0)
+        emb = np.repeat(emb, n_per, axis=0)
         n = emb.shape[0]
-        clip = self.text(_per_image("prompt", prompt, n))
-        if w > 1:
-            negatives = _per_image("negative_prompt", "" if negative_prompt is None else negative_prompt, n)
-            clip = jnp.concatenate([clip, self.text(negatives)])
         h, wd = self.latent_size(emb.shape[1], emb.shape[2])
+        cond = self.text(_per_image("prompt", prompt, n))
+        uncond = None
+        if w > 1:
+            uncond = self.text(_per_image("negative_prompt", "" if negative_prompt is None else negative_prompt, n))
         shape = (h, wd, self.decoder.module.config.c_in)
-        keys = image_keys(seed, n)
-        x = draw(keys, 2, shape) if latents is None else _given("latents", latents, (n, *shape))
-        noise = _given("step_noise", step_noise, (len(ts) - 1, n, *shape)) if step_noise is not None else None
-        noise = step_noise_or(noise, keys, 3, len(ts) - 1, shape)
-        loop = compiled(
-            "decoder",
-            sampling.decoder_loop,
-            static=(0, 8, 9),
-            progress=self.progress,
-            detail=f"{len(ts) - 1} steps × {n} images{' + CFG' if w > 1 else ''}, latent {h}×{wd}",
-        )
+        x, noise = _initial(seed, n, shape, len(ts) - 1, latents, step_noise, streams=(2, 3))
+        detail = f"{len(ts) - 1} steps × {n} images{' + CFG' if w > 1 else ''}, latent {h}×{wd}"
+        loop = compiled("decoder", sampling.decoder_loop, static=(0, 8, 9), progress=self.progress, detail=detail)
+        place = self.placement
         with self.decoder.on_device() as variables:
             out = loop(
                 self.decoder.module,
                 variables,
-                x,
-                jnp.asarray(ts),
-                noise,
-                emb,
-                clip,
-                jnp.float32(w),
+                place.batch(x),
+                place.replicated(ts),
+                place.batch(noise, axis=1),
+                place.batch(emb),
+                _cfg_batch(place, cond, uncond),
+                place.replicated(np.float32(w)),
                 self.scheduler,
                 w > 1,
             )
         if output_type == "latent":
-            return ImagePipelineOutput(out)
+            return ImagePipelineOutput(place.host(out)[:n])
         decode = compiled("vqgan", sampling.decode_images, static=(0,), progress=self.progress)
         with self.vqgan.on_device() as variables:
-            images = np.asarray(decode(self.vqgan.module, variables, out))
+            images = place.host(decode(self.vqgan.module, variables, out))[:n]
         return ImagePipelineOutput(to_pil(images) if output_type == "pil" else images)
 
 
@@ -364,29 +415,19 @@ class WuerstchenPipeline:
         prior: str | Path | None = None,
         dtype: Any = jnp.float32,
         offload: bool = False,
+        mesh: Mesh | None = None,
+        sharding: str | None = None,
         progress: bool = True,
     ) -> WuerstchenPipeline:
-        """`decoder`: a `warp-ai/wuerstchen`-style folder, or a combined folder (with `prior_prior/`);
-        `prior`: a `warp-ai/wuerstchen-prior`-style folder. `offload` keeps inactive stages in host memory."""
-        combined = prior is None
-        prior_path = decoder if combined else prior
-        prefix = "prior_" if combined else ""
-        prior_parts = load_pipeline_folder(prior_path, ("prior", "text_encoder", "tokenizer"), dtype, offload, prefix)
-        cfg = {
-            k: prior_parts["config"][k]
-            for k in ("latent_mean", "latent_std", "resolution_multiple")
-            if k in prior_parts["config"]
-        }
-        prior_pipe = WuerstchenPriorPipeline(
-            prior_parts["tokenizer"],
-            prior_parts["text_encoder"],
-            prior_parts["prior"],
-            prior_parts["scheduler"],
-            progress=progress,
-            **cfg,
-        )
-        decoder_pipe = WuerstchenDecoderPipeline.from_pretrained(decoder, dtype, offload, progress=progress)
-        return cls(prior_pipe, decoder_pipe)
+        """`decoder`: a `warp-ai/wuerstchen`-style folder, or a combined folder (with `prior_prior/`, …);
+        `prior`: a `warp-ai/wuerstchen-prior`-style folder. `offload` keeps inactive stages in host memory;
+        `mesh` (`wurst_jax.make_mesh(...)`) with `sharding` "dp" (default), "fsdp" or "tp" shards every stage."""
+        opts = dict(dtype=dtype, offload=offload, mesh=mesh, sharding=sharding, progress=progress)
+        if prior is None:
+            prior_pipe = WuerstchenPriorPipeline.from_pretrained(decoder, prefix="prior_", **opts)
+        else:
+            prior_pipe = WuerstchenPriorPipeline.from_pretrained(prior, **opts)
+        return cls(prior_pipe, WuerstchenDecoderPipeline.from_pretrained(decoder, **opts))
 
     def __call__(
         self,

@@ -36,7 +36,10 @@ class Component:
     offload: bool = False
 
     def __post_init__(self):
+        self.shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.variables)
         if self.offload:
+            if not all(x.is_fully_addressable for x in jax.tree_util.tree_leaves(self.variables)):
+                raise ValueError("offload=True keeps whole stages in this host's memory: not available across hosts")
             self.variables = jax.device_get(self.variables)
 
     @contextlib.contextmanager
@@ -44,7 +47,7 @@ class Component:
         if not self.offload:
             yield self.variables
             return
-        on_device = jax.device_put(self.variables)
+        on_device = jax.device_put(self.variables, self.shardings)
         try:
             yield on_device
         finally:
@@ -110,7 +113,13 @@ def resolve(path: str | os.PathLike) -> Path:
 
 
 def load_pipeline_folder(
-    path: str | os.PathLike, parts: tuple[str, ...], dtype: Any, offload: bool, prefix: str = ""
+    path: str | os.PathLike,
+    parts: tuple[str, ...],
+    dtype: Any,
+    offload: bool,
+    prefix: str = "",
+    mesh: Any = None,
+    sharding: str | None = None,
 ) -> dict[str, Any]:
     """Load `parts` (component folder names, with `prefix` as in a combined folder) from a pipeline folder."""
     from transformers import AutoTokenizer
@@ -134,7 +143,7 @@ def load_pipeline_folder(
         if part == "tokenizer":
             out[part] = AutoTokenizer.from_pretrained(str(folder))
         else:
-            out[part] = Component(*load_component(folder, dtype), offload=offload)
+            out[part] = Component(*load_component(folder, dtype, mesh=mesh, sharding=sharding), offload=offload)
     return out
 
 

@@ -1,0 +1,176 @@
+"""Device meshes and where every array goes: data parallel, FSDP and tensor parallel, one host or many.
+
+The modules name the logical axes of their parameters (`embed`, `mlp`, `heads`, `conv_in`, `conv_out`, `kh`,
+`kw`, `vocab`); this file alone maps them onto a `Mesh` with axes ("data", "model"):
+
+- `dp`:   parameters replicated, the batch split over "data".
+- `fsdp`: each parameter split along its largest dimension that divides over all devices ("data" × "model"),
+          replicated if none does (biases, norms); the batch split over "data".
+- `tp`:   attention heads and MLP hidden units split over "model" (Megatron style), the rest replicated; the
+          batch split over "data" — on a data × model mesh this is data × tensor parallelism.
+
+Batches that do not divide the "data" axis are padded (repeating the last row) and trimmed by the caller.
+Arrays are built with `jax.make_array_from_callback`, so on several hosts each process only places its own
+shards, and results come back through `multihost_utils.process_allgather`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import traverse_util
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MODES = ("dp", "fsdp", "tp")
+DATA, MODEL = "data", "model"
+
+_TP_RULES = (("heads", MODEL), ("mlp", MODEL))
+
+
+def make_mesh(data: int = -1, model: int = 1, devices: list | None = None) -> Mesh:
+    """A ("data", "model") mesh over `devices` (default: all); one of the sizes may be -1 to fill the rest."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    sizes = [data, model]
+    for name, s in zip((DATA, MODEL), sizes, strict=True):
+        if not isinstance(s, int) or (s < 1 and s != -1):
+            raise ValueError(f"mesh axis {name!r} must be a positive int or -1, got {s!r}")
+    if sizes.count(-1) > 1:
+        raise ValueError("only one mesh axis may be -1 (auto-filled)")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if n % known:
+        raise ValueError(f"mesh axes data={data}, model={model} do not divide the {n} devices")
+    sizes = [n // known if s == -1 else s for s in sizes]
+    if sizes[0] * sizes[1] != n:
+        raise ValueError(
+            f"mesh axes data={sizes[0]} × model={sizes[1]} = {sizes[0] * sizes[1]}, but there are {n} devices"
+        )
+    return Mesh(np.asarray(devices, dtype=object).reshape(sizes), (DATA, MODEL))
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"sharding must be one of {MODES}, got {mode!r}")
+
+
+def param_specs(boxed: Any, mesh: Mesh, mode: str) -> Any:
+    """PartitionSpecs for a variables tree whose leaves carry logical axis names (`abstract_variables(boxed=True)`)."""
+    _check_mode(mode)
+    flat = traverse_util.flatten_dict(boxed)
+    out = {}
+    for path, leaf in flat.items():
+        names = leaf.names if isinstance(leaf, nn.LogicallyPartitioned) else (None,) * len(leaf.shape)
+        shape = nn.meta.unbox(leaf).shape
+        out[path] = _spec(path, shape, names, mesh, mode)
+    return traverse_util.unflatten_dict(out)
+
+
+def _spec(path: tuple, shape: tuple, names: tuple, mesh: Mesh, mode: str) -> PartitionSpec:
+    if mode == "dp" or not shape:
+        return PartitionSpec()
+    if mode == "fsdp":
+        n = mesh.size
+        dims = sorted(range(len(shape)), key=lambda d: -shape[d])
+        dim = next((d for d in dims if shape[d] % n == 0 and shape[d] >= n), None)
+        if dim is None:
+            return PartitionSpec()
+        axes = [None] * len(shape)
+        axes[dim] = (DATA, MODEL)
+        return PartitionSpec(*axes)
+    rules = dict(_TP_RULES)
+    axes = [rules.get(name) for name in names]
+    for d, ax in enumerate(axes):
+        if ax and shape[d] % mesh.shape[ax]:
+            raise ValueError(
+                f"sharding='tp' cannot split {'/'.join(path)} (dimension {d} of size {shape[d]}) over the "
+                f"{mesh.shape[ax]}-way '{ax}' axis; use a model axis size that divides it, or 'fsdp'"
+            )
+    return PartitionSpec(*axes)
+
+
+def check_heads(module: nn.Module, mesh: Mesh, mode: str) -> None:
+    """Tensor parallelism splits attention heads: every head count must divide over the model axis."""
+    if mode != "tp" or mesh.shape[MODEL] == 1:
+        return
+    cfg = module.config
+    heads = getattr(cfg, "nhead", None) or getattr(cfg, "num_attention_heads", None)
+    counts = [h for h in (heads if isinstance(heads, tuple) else (heads,)) if h and h > 0]
+    bad = [h for h in counts if h % mesh.shape[MODEL]]
+    if bad:
+        raise ValueError(
+            f"sharding='tp' on a {mesh.shape[MODEL]}-way model axis cannot split {type(module).__name__}'s "
+            f"attention heads {counts}; choose a model axis size that divides every head count"
+        )
+
+
+def param_shardings(boxed: Any, mesh: Mesh, mode: str) -> Any:
+    return jax.tree_util.tree_map(
+        lambda s: NamedSharding(mesh, s), param_specs(boxed, mesh, mode), is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
+
+
+def place_fn(shardings: Any) -> Callable[[tuple, np.ndarray, Any], jax.Array]:
+    """A `place(path, host_array, like)` for the converter: each process builds only its own shards."""
+    flat = traverse_util.flatten_dict(shardings)
+
+    def place(path: tuple, arr: np.ndarray, like: Any) -> jax.Array:
+        arr = arr.astype(like.dtype, copy=False)
+        return jax.make_array_from_callback(arr.shape, flat[path], lambda idx: arr[idx])
+
+    return place
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
+    """`jax.distributed.initialize` for a multi-host run (no arguments on a TPU pod slice or under SLURM: JAX
+    finds them). On CPU hosts the collectives go through gloo."""
+    if (jax.config.jax_platforms or "").split(",")[0] == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
+class Placement:
+    """Puts batch arrays on a mesh (split over "data") and brings results back to every host as numpy."""
+
+    def __init__(self, mesh: Mesh | None = None):
+        self.mesh = mesh
+
+    @property
+    def data_size(self) -> int:
+        return 1 if self.mesh is None else self.mesh.shape[DATA]
+
+    def padded(self, n: int) -> int:
+        return -(-n // self.data_size) * self.data_size
+
+    def batch(self, x: Any, axis: int = 0) -> jax.Array:
+        """Pad axis `axis` to a multiple of the data axis (repeating the last row) and split it over "data"."""
+        if self.mesh is None:
+            return jax.numpy.asarray(x)
+        x = self.host(x)
+        n = x.shape[axis]
+        pad = self.padded(n) - n
+        if pad:
+            last = np.take(x, [n - 1], axis=axis)
+            x = np.concatenate([x] + [last] * pad, axis=axis)
+        spec = [None] * x.ndim
+        spec[axis] = DATA
+        return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, PartitionSpec(*spec)), lambda i: x[i])
+
+    def replicated(self, x: Any) -> jax.Array:
+        if self.mesh is None:
+            return jax.numpy.asarray(x)
+        x = self.host(x)
+        return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, PartitionSpec()), lambda i: x[i])
+
+    @staticmethod
+    def host(x: Any) -> np.ndarray:
+        """A (possibly multi-host, sharded) array → the whole array as numpy on every process."""
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
