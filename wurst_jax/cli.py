@@ -35,15 +35,26 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--offload", action="store_true", help="keep inactive stages in host memory")
     p.add_argument("--cache-dir", help="persistent compilation cache folder (later runs skip compiling)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--sharding", choices=("dp", "fsdp", "tp"), help="shard over all devices (mesh data × model)")
+    p.add_argument("--model-axis", type=int, default=1, help="size of the mesh's model axis (tp; default 1)")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-host: call jax.distributed.initialize() first (TPU pods, SLURM)",
+    )
 
 
 def generate(args: argparse.Namespace) -> int:
+    import jax
     import jax.numpy as jnp
 
     import wurst_jax as wj
 
+    if args.distributed:
+        wj.initialize_distributed()
     if args.cache_dir:
         wj.enable_compilation_cache(args.cache_dir)
+    mesh = wj.make_mesh(data=-1, model=args.model_axis) if args.sharding or args.model_axis > 1 else None
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise SystemExit(f"--out must name a .png file, got {out}")
@@ -54,6 +65,8 @@ def generate(args: argparse.Namespace) -> int:
         dtype=getattr(jnp, args.dtype),
         offload=args.offload,
         progress=not args.quiet,
+        mesh=mesh,
+        sharding=args.sharding,
     )
     images = pipe(
         args.prompt,
@@ -69,6 +82,8 @@ def generate(args: argparse.Namespace) -> int:
         seed=args.seed,
     ).images
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
+    if jax.process_index() != 0:  # every process holds all images; one writes them
+        return 0
     for image, path in zip(images, paths, strict=True):
         image.save(path)
         print(path)
