@@ -42,6 +42,11 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="multi-host: call jax.distributed.initialize() first (TPU pods, SLURM)",
     )
+    p.add_argument(
+        "--coordinator", help="multi-host without auto-detection: coordinator host:port (implies --distributed)"
+    )
+    p.add_argument("--num-processes", type=int, help="multi-host: number of processes (with --coordinator)")
+    p.add_argument("--process-id", type=int, help="multi-host: this process's index (with --coordinator)")
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -50,8 +55,8 @@ def generate(args: argparse.Namespace) -> int:
 
     import wurst_jax as wj
 
-    if args.distributed:
-        wj.initialize_distributed()
+    if args.distributed or args.coordinator:
+        wj.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     if args.cache_dir:
         wj.enable_compilation_cache(args.cache_dir)
     mesh = wj.make_mesh(data=-1, model=args.model_axis) if args.sharding or args.model_axis > 1 else None
