@@ -35,14 +35,27 @@ def gelu(x: jax.Array) -> jax.Array:
     return nn.gelu(x, approximate=False)
 
 
-def dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype, use_bias: bool = True, axes=(EMBED, MLP)):
+def _kernel_init(zero: bool) -> Any:
+    """Zero init for output heads and FiLM mappers (the model starts as identity / predicts x_t), else LeCun."""
+    return nn.initializers.zeros if zero else nn.initializers.lecun_normal()
+
+
+def dense(
+    features: int,
+    name: str,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    use_bias: bool = True,
+    axes=(EMBED, MLP),
+    zero_init: bool = False,
+):
     """A Linear layer (`kernel` [in, out] = torch `weight.T`) with logical axis names on its kernel."""
     return nn.Dense(
         features,
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+        kernel_init=nn.with_logical_partitioning(_kernel_init(zero_init), axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
         name=name,
     )
@@ -58,6 +71,7 @@ def conv(
     padding: Any = 0,
     groups: int = 1,
     use_bias: bool = True,
+    zero_init: bool = False,
 ):
     """A Conv2d in NHWC (`kernel` [kh, kw, in/groups, out] = torch weight OIHW → HWIO)."""
     if isinstance(padding, int):
@@ -71,7 +85,7 @@ def conv(
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (KH, KW, CONV_IN, CONV_OUT)),
+        kernel_init=nn.with_logical_partitioning(_kernel_init(zero_init), (KH, KW, CONV_IN, CONV_OUT)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (CONV_OUT,)),
         name=name,
     )
@@ -171,7 +185,8 @@ class TimestepBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array) -> jax.Array:
-        ab = dense(self.c * 2, "mapper", self.dtype, self.param_dtype, axes=(None, MLP))(t.astype(self.dtype))
+        mapper = dense(self.c * 2, "mapper", self.dtype, self.param_dtype, axes=(None, MLP), zero_init=True)
+        ab = mapper(t.astype(self.dtype))
         a, b = jnp.split(ab[:, None, None, :], 2, axis=-1)
         return x * (1 + a) + b
 

@@ -111,7 +111,6 @@ class PaellaVQModel(nn.Module):
         n = len(down)
         self.down_out_conv = conv(cfg.latent_channels, 1, f"down_blocks_{n}_0", dt, pdt, use_bias=False)
         self.down_out_norm = nn.BatchNorm(
-            use_running_average=True,
             momentum=0.9,
             epsilon=1e-5,
             dtype=jnp.float32,
@@ -132,12 +131,15 @@ class PaellaVQModel(nn.Module):
         factor = cfg.up_down_scale_factor
         self.out_block_0 = conv(cfg.out_channels * factor**2, 1, "out_block_0", dt, pdt)
 
-    def encode(self, x: jax.Array) -> jax.Array:
-        """Images [B, H, W, in_channels] in [0, 1] → unquantised latents [B, H/4, W/4, latent_channels]."""
+    def encode(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Images [B, H, W, in_channels] in [0, 1] → unquantised latents [B, H/4, W/4, latent_channels].
+
+        `train=True` normalises with batch statistics and updates `batch_stats` (apply with mutable=["batch_stats"]).
+        """
         h = self.in_block_1(pixel_unshuffle(x.astype(self.dtype), self.config.up_down_scale_factor))
         for block in self.down:
             h = block(h)
-        return self.down_out_norm(self.down_out_conv(h)).astype(x.dtype)
+        return self.down_out_norm(self.down_out_conv(h), use_running_average=not train).astype(x.dtype)
 
     def quantize(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Nearest codebook vectors (straight-through gradient) and their indices [B, h, w]."""

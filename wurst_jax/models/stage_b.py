@@ -159,7 +159,7 @@ class WuerstchenDiffNeXt(nn.Module):
                 up = conv_transpose(cfg.c_hidden[i - 1], 2, 2, 0, f"up_blocks_{u}_{j}_1", dt, pdt)
                 x = up(layer_norm(x))
 
-        out = conv(2 * cfg.c_out * cfg.patch_size**2, 1, "clf_1", dt, pdt)(layer_norm(x))
+        out = conv(2 * cfg.c_out * cfg.patch_size**2, 1, "clf_1", dt, pdt, zero_init=True)(layer_norm(x))
         a, b = jnp.split(pixel_shuffle(out, cfg.patch_size).astype(jnp.float32), 2, axis=-1)
         b = jax.nn.sigmoid(b) * (1 - 2e-3) + 1e-3
         return ((x_in.astype(jnp.float32) - a) / b).astype(x_in.dtype)

@@ -61,6 +61,6 @@ class WuerstchenPrior(nn.Module):
             x = AttnBlock(cfg.c, cfg.c, cfg.nhead, True, cfg.dropout, dt, pdt, name=f"blocks_{3 * i + 2}")(
                 x, c_embed, deterministic
             )
-        out = conv(cfg.c_in * 2, 1, "out_1", dt, pdt)(layer_norm(x)).astype(jnp.float32)
+        out = conv(cfg.c_in * 2, 1, "out_1", dt, pdt, zero_init=True)(layer_norm(x)).astype(jnp.float32)
         a, b = jnp.split(out, 2, axis=-1)
         return ((x_in.astype(jnp.float32) - a) / (jnp.abs(1 - b) + 1e-5)).astype(x_in.dtype)

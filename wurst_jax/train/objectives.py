@@ -1,0 +1,79 @@
+"""The Würstchen training objectives, as the original training scripts define them.
+
+Stage C and Stage B: ε-prediction MSE on noised latents x_t = √ᾱ·x + √(1-ᾱ)·ε (the DDPM-Würstchen cosine
+schedule), the per-sample loss weighted by the P2 weight (k + ᾱ/(1-ᾱ))^-γ and the noise ratio t sampled as
+`(1 - u)·1.08 + 0.001` clamped to [0.001, 1] (Stage C) or `(1 - u) + 0.001` (Stage B).
+Stage B's conditioning is dropped (zero effnet / empty-prompt text states) with probability `cond_dropout` so
+the decoder learns the unconditional half that classifier-free guidance needs.
+Stage A: reconstruction MSE plus the VQ codebook and commitment losses (β = 0.25 on the commitment term, as
+diffusers' `VectorQuantizer(legacy=False)`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from wurst_jax import scheduler as sched
+
+_SCHED = sched.SchedulerConfig()
+
+
+def p2_weight(t: jax.Array, config: sched.SchedulerConfig, k: float = 1.0, gamma: float = 1.0) -> jax.Array:
+    """Perception-prioritised weight (k + SNR(t))^-γ, SNR = ᾱ / (1 - ᾱ)."""
+    ac = sched.alpha_cumprod(t, config)
+    return (k + ac / (1 - ac)) ** -gamma
+
+
+def sample_t(rng: jax.Array, n: int, stage: str) -> jax.Array:
+    """Noise ratios [n]: Stage C stretches the range by 1.08 (more samples at t = 1), as the original."""
+    u = jax.random.uniform(rng, (n,))
+    t = (1 - u) * 1.08 + 0.001 if stage == "c" else (1 - u) + 0.001
+    return jnp.clip(t, 0.001, 1.0)
+
+
+def _diffusion_loss(pred: jax.Array, noise: jax.Array, t: jax.Array, config: sched.SchedulerConfig) -> jax.Array:
+    per_sample = jnp.mean(jnp.square(pred.astype(jnp.float32) - noise), axis=tuple(range(1, noise.ndim)))
+    return jnp.mean(per_sample * p2_weight(t, config))
+
+
+def stage_c_loss(module, params, rng, latents, clip, config=_SCHED, train=True) -> jax.Array:
+    """latents [B, h, w, 16] (the prior's target space), clip [B, T, D] text states → weighted ε-MSE."""
+    r_t, r_n, r_d = jax.random.split(rng, 3)
+    t = sample_t(r_t, latents.shape[0], "c")
+    noise = jax.random.normal(r_n, latents.shape, jnp.float32)
+    noised = sched.add_noise(latents.astype(jnp.float32), noise, t, config)
+    pred = module.apply({"params": params}, noised, t, clip, deterministic=not train, rngs={"dropout": r_d})
+    return _diffusion_loss(pred, noise, t, config)
+
+
+def stage_b_loss(
+    module, params, rng, latents, effnet, clip, empty_clip, cond_dropout=0.1, config=_SCHED, train=True
+) -> jax.Array:
+    """latents [B, H, W, 4] (Stage A latents / scale_factor), effnet [B, h, w, 16], clip [B, T, D];
+    `empty_clip` [1, T, D] replaces the text states of dropped samples."""
+    r_t, r_n, r_c, r_d = jax.random.split(rng, 4)
+    b = latents.shape[0]
+    t = sample_t(r_t, b, "b")
+    noise = jax.random.normal(r_n, latents.shape, jnp.float32)
+    noised = sched.add_noise(latents.astype(jnp.float32), noise, t, config)
+    keep = (jax.random.uniform(r_c, (b,)) >= cond_dropout)[:, None, None, None]
+    effnet = jnp.where(keep, effnet, 0.0)
+    clip = jnp.where(keep[:, :, :, 0], clip, jnp.broadcast_to(empty_clip, clip.shape))
+    pred = module.apply({"params": params}, noised, t, effnet, clip, deterministic=not train, rngs={"dropout": r_d})
+    return _diffusion_loss(pred, noise, t, config)
+
+
+def stage_a_loss(module, variables: Any, images: jax.Array, beta: float = 0.25) -> tuple[jax.Array, dict]:
+    """images [B, H, W, 3] in [0, 1] → reconstruction + codebook + β·commitment; BatchNorm runs on batch
+    statistics in training and returns the updated running statistics."""
+    z, updates = module.apply(variables, images, True, method="encode", mutable=["batch_stats"])
+    z_st, idx = module.apply(variables, z, method="quantize")  # straight-through: gradients reach the encoder
+    recon = module.apply(variables, z_st, method="decode")
+    rec = jnp.mean(jnp.square(recon.astype(jnp.float32) - images))
+    entries = variables["params"]["vquantizer"]["embedding"]["embedding"][idx].astype(jnp.float32)
+    codebook = jnp.mean(jnp.square(jax.lax.stop_gradient(z) - entries))
+    commit = jnp.mean(jnp.square(z - jax.lax.stop_gradient(entries)))
+    return rec + codebook + beta * commit, {"rec": rec, "codebook": codebook, "batch_stats": updates["batch_stats"]}

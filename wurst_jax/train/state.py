@@ -1,0 +1,139 @@
+"""Train state, optimizer, jitted (and sharded) train step, and orbax save/resume.
+
+f32 master weights (`param_dtype=float32`) with bf16 compute (`dtype=bfloat16`) are a matter of how the module
+is built; the state holds params, optimizer state, an EMA of the params, BatchNorm statistics (Stage A) and the
+PRNG key, so a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+import orbax.checkpoint as ocp
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from wurst_jax.sharding import DATA, param_specs
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema: Any
+    batch_stats: Any
+    rng: jax.Array
+
+
+def make_optimizer(
+    lr: float, warmup_steps: int = 100, weight_decay: float = 0.01, clip_norm: float = 1.0
+) -> optax.GradientTransformation:
+    """AdamW with linear warm-up to `lr` then constant (as the Würstchen scripts), global-norm clipping first."""
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, max(warmup_steps, 1)), optax.constant_schedule(lr)], [max(warmup_steps, 1)]
+    )
+    return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, b2=0.999, weight_decay=weight_decay))
+
+
+def create_state(params: Any, tx: optax.GradientTransformation, seed: int, batch_stats: Any = None) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=jax.tree_util.tree_map(jnp.copy, params),  # the caller's arrays survive the step's donation
+        opt_state=tx.init(params),
+        ema=jax.tree_util.tree_map(jnp.copy, params),
+        batch_stats=jax.tree_util.tree_map(jnp.copy, batch_stats if batch_stats is not None else {}),
+        rng=jax.random.PRNGKey(seed),
+    )
+
+
+LossFn = Callable[[Any, Any, jax.Array, Any], tuple[jax.Array, dict]]
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, ema_decay: float = 0.999) -> Callable:
+    """`loss_fn(params, batch_stats, rng, batch) -> (loss, aux)`; aux may carry new `batch_stats`.
+
+    Returns `step(state, batch) -> (state, metrics)` (not jitted: see `jit_train_step`)."""
+
+    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+        rng, step_rng = jax.random.split(state.rng)
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.batch_stats, step_rng, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema, params)
+        new = state.replace(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            ema=ema,
+            batch_stats=aux.pop("batch_stats", state.batch_stats),
+            rng=rng,
+        )
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree_util.tree_leaves(grads)))
+        metrics = {"loss": loss, "grad_norm": grad_norm, **aux}
+        return new, metrics
+
+    return step
+
+
+def state_shardings(abstract_state: TrainState, boxed_params: Any, mesh: Mesh, mode: str) -> TrainState:
+    """NamedShardings for the whole state: every leaf shaped like a parameter (params, EMA, Adam moments) follows
+    that parameter's spec for `mode` ("dp" replicates, "fsdp" splits); everything else is replicated."""
+    specs = traverse_util.flatten_dict(param_specs({"params": boxed_params}, mesh, mode)["params"])
+    shapes = {path: leaf.shape for path, leaf in traverse_util.flatten_dict(nn_unbox(boxed_params)).items()}
+
+    def sharding(path, leaf):
+        keys = tuple(getattr(k, "key", None) for k in path)
+        for n in range(len(keys)):
+            tail = keys[n:]
+            if tail in specs and shapes[tail] == leaf.shape:
+                return NamedSharding(mesh, specs[tail])
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree_util.tree_map_with_path(sharding, abstract_state)
+
+
+def nn_unbox(tree: Any) -> Any:
+    return flax.linen.meta.unbox(tree)
+
+
+def batch_sharding(mesh: Mesh) -> Callable[[Any], NamedSharding]:
+    """Leading (batch) axis over "data", for every array of a batch."""
+    return lambda x: NamedSharding(mesh, PartitionSpec(DATA, *([None] * (x.ndim - 1))))
+
+
+def jit_train_step(step: Callable, state_sh: TrainState | None = None, batch_sh: Any = None) -> Callable:
+    """One compiled train step; with shardings it runs sharded (state donated, so memory is reused)."""
+    if state_sh is None:
+        return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+
+
+class Checkpoints:
+    """orbax `CheckpointManager` for the whole train state (keeps the last `keep`)."""
+
+    def __init__(self, directory: str | Path, keep: int = 3):
+        self.manager = ocp.CheckpointManager(
+            Path(directory).absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        )
+
+    def save(self, state: TrainState) -> None:
+        self.manager.save(int(state.step), args=ocp.args.StandardSave(state))
+        self.manager.wait_until_finished()
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, like: TrainState, step: int | None = None) -> TrainState:
+        """Restore into the structure, dtypes and shardings of `like` (arrays or ShapeDtypeStructs)."""
+        step = self.latest() if step is None else step
+        target = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), like
+        )
+        return self.manager.restore(step, args=ocp.args.StandardRestore(target))

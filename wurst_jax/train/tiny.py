@@ -1,0 +1,267 @@
+"""A tiny Würstchen trained from scratch on the procedural shapes dataset: configs, the three training stages,
+and export to the diffusers folder layout the pipeline loads.
+
+Order: Stage A (VQGAN, reconstruction) → Stage B with the semantic encoder and the decoder's text encoder
+(ε-loss on Stage A latents, the encoder learning what Stage B needs) → Stage C with the prior's text encoder
+(ε-loss on the frozen semantic encoder's latents). 64×64 images: Stage A latents 16×16×4, semantic latents
+4×4×16 (pipeline `resolution_multiple` 16, `latent_dim_scale` 4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wurst_jax.models import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    PaellaVQModel,
+    StageAConfig,
+    StageBConfig,
+    StageCConfig,
+    WuerstchenDiffNeXt,
+    WuerstchenPrior,
+)
+from wurst_jax.train import objectives
+from wurst_jax.train.semantic import SemanticEncoder
+from wurst_jax.train.state import Checkpoints, create_state, jit_train_step, make_optimizer, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyConfig:
+    size: int = 64
+    stage_a: StageAConfig = StageAConfig(bottleneck_blocks=2, embed_dim=64, num_vq_embeddings=256)
+    stage_b: StageBConfig = StageBConfig(
+        c_r=64,
+        c_cond=64,
+        c_hidden=(32, 64, 128),
+        nhead=(-1, 4, 4),
+        blocks=(2, 2, 2),
+        level_config=("CT", "CTA", "CTA"),
+        inject_effnet=(False, True, True),
+        effnet_embd=16,
+        clip_embd=64,
+        dropout=0.0,
+    )
+    stage_c: StageCConfig = StageCConfig(c_in=16, c=128, c_cond=64, c_r=64, depth=4, nhead=4, dropout=0.0)
+    text: CLIPTextConfig = CLIPTextConfig(
+        hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4
+    )
+    resolution_multiple: float = 16.0
+    latent_dim_scale: float = 4.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One stage's training run."""
+
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    ema_decay: float = 0.999
+    cond_dropout: float = 0.1
+    seed: int = 0
+    log_every: int = 50
+    ckpt_every: int = 500
+
+
+def modules(cfg: TinyConfig, dtype: Any = jnp.float32) -> dict[str, nn.Module]:
+    """f32 master weights; `dtype` is the compute dtype (bf16 on accelerators)."""
+    kw = dict(dtype=dtype, param_dtype=jnp.float32)
+    return {
+        "vqgan": PaellaVQModel(cfg.stage_a, **kw),
+        "decoder": WuerstchenDiffNeXt(cfg.stage_b, **kw),
+        "prior": WuerstchenPrior(cfg.stage_c, **kw),
+        "text": CLIPTextModel(cfg.text, **kw),
+        "semantic": SemanticEncoder(cfg.stage_b.effnet_embd, **kw),
+    }
+
+
+def _init(module: nn.Module, seed: int, *shapes: tuple) -> Any:
+    args = [jnp.zeros(s, jnp.int32 if len(s) == 2 else jnp.float32) for s in shapes]
+    return nn.meta.unbox(jax.jit(module.init)(jax.random.key(seed), *args))
+
+
+def init_variables(cfg: TinyConfig, mods: dict[str, nn.Module], seed: int = 0) -> dict[str, Any]:
+    s, h, t = cfg.size, cfg.size // 16, cfg.text.hidden_size
+    return {
+        "vqgan": _init(mods["vqgan"], seed, (1, s, s, 3)),
+        "decoder": _init(mods["decoder"], seed + 1, (1, s // 4, s // 4, 4), (1,), (1, h, h, 16), (1, 77, t)),
+        "prior": _init(mods["prior"], seed + 2, (1, h, h, 16), (1,), (1, 77, t)),
+        "text_decoder": _init(mods["text"], seed + 3, (1, 77), (1, 77)),
+        "text_prior": _init(mods["text"], seed + 4, (1, 77), (1, 77)),
+        "semantic": _init(mods["semantic"], seed + 5, (1, s, s, 3)),
+    }
+
+
+def _tokens(tokenizer, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    enc = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="np")
+    return enc.input_ids.astype(np.int32), enc.attention_mask.astype(np.int32)
+
+
+def _host_batches(tokenizer, size: int, batch_size: int, seed: int, start: int) -> Iterator[dict]:
+    """Batch k is a function of (seed, k) alone, so a resumed run sees exactly the batches it would have seen."""
+    from wurst_jax.train.data import batches
+
+    step = start
+    while True:
+        b = next(batches(seed * 1_000_003 + step, batch_size, size=size, split="train"))
+        ids, mask = _tokens(tokenizer, b["captions"])
+        yield {"images": b["images"].astype(np.float32), "ids": ids, "mask": mask}
+        step += 1
+
+
+def stage_loss(stage: str, cfg: TinyConfig, mods: dict, frozen: dict, run: RunConfig, empty: tuple) -> Any:
+    """The loss of one stage as `loss(params, batch_stats, rng, batch) -> (loss, aux)`."""
+    text, scale = mods["text"], cfg.stage_a.scale_factor
+    empty_ids, empty_mask = (jnp.asarray(x) for x in empty)
+
+    if stage == "a":
+
+        def loss(params, stats, rng, batch):
+            return objectives.stage_a_loss(mods["vqgan"], {"params": params, "batch_stats": stats}, batch["images"])
+
+    elif stage == "b":
+
+        def loss(params, stats, rng, batch):
+            vq = frozen["vqgan"]
+            latents = mods["vqgan"].apply(vq, batch["images"], method="encode") / scale
+            effnet = mods["semantic"].apply({"params": params["semantic"]}, batch["images"])
+            clip = text.apply({"params": params["text"]}, batch["ids"], batch["mask"])
+            empty_clip = text.apply({"params": params["text"]}, empty_ids, empty_mask)
+            value = objectives.stage_b_loss(
+                mods["decoder"],
+                params["decoder"],
+                rng,
+                jax.lax.stop_gradient(latents),
+                effnet,
+                clip,
+                empty_clip,
+                run.cond_dropout,
+            )
+            return value, {}
+
+    elif stage == "c":
+
+        def loss(params, stats, rng, batch):
+            target = mods["semantic"].apply(frozen["semantic"], batch["images"])
+            clip = text.apply({"params": params["text"]}, batch["ids"], batch["mask"])
+            empty_clip = text.apply({"params": params["text"]}, empty_ids, empty_mask)
+            r_drop, rng = jax.random.split(rng)
+            keep = jax.random.uniform(r_drop, (clip.shape[0], 1, 1)) >= run.cond_dropout
+            clip = jnp.where(keep, clip, jnp.broadcast_to(empty_clip, clip.shape))
+            return objectives.stage_c_loss(mods["prior"], params["prior"], rng, jax.lax.stop_gradient(target), clip), {}
+
+    else:
+        raise ValueError(f"stage must be 'a', 'b' or 'c', got {stage!r}")
+    return loss
+
+
+def trainable(stage: str, variables: dict) -> tuple[Any, Any]:
+    """(params, batch_stats) trained in `stage`."""
+    if stage == "a":
+        return variables["vqgan"]["params"], variables["vqgan"]["batch_stats"]
+    if stage == "b":
+        v = variables
+        return {
+            "decoder": v["decoder"]["params"],
+            "semantic": v["semantic"]["params"],
+            "text": v["text_decoder"]["params"],
+        }, {}
+    return {"prior": variables["prior"]["params"], "text": variables["text_prior"]["params"]}, {}
+
+
+def absorb(stage: str, variables: dict, params: Any, stats: Any) -> dict:
+    """Put a stage's trained params (use the EMA) back into the variables of all components."""
+    v = dict(variables)
+    if stage == "a":
+        v["vqgan"] = {"params": params, "batch_stats": stats}
+    elif stage == "b":
+        v["decoder"], v["semantic"], v["text_decoder"] = (
+            {"params": params[k]} for k in ("decoder", "semantic", "text")
+        )
+    else:
+        v["prior"], v["text_prior"] = {"params": params["prior"]}, {"params": params["text"]}
+    return v
+
+
+def train_stage(
+    stage: str, cfg: TinyConfig, variables: dict, tokenizer, run: RunConfig, out_dir: str | Path, log=print
+) -> dict:
+    """Train one stage (resuming from `out_dir/ckpt_<stage>` if a checkpoint is there); returns updated variables."""
+    mods = modules(cfg)
+    params, stats = trainable(stage, variables)
+    tx = make_optimizer(run.lr, run.warmup_steps)
+    state = create_state(params, tx, run.seed, stats)
+    ckpts = Checkpoints(Path(out_dir) / f"ckpt_{stage}")
+    if ckpts.latest() is not None:
+        state = ckpts.restore(state)
+        log(f"stage {stage}: resumed at step {int(state.step)}")
+    frozen = {"vqgan": variables["vqgan"], "semantic": variables["semantic"]}
+    empty = _tokens(tokenizer, [""])
+    step_fn = jit_train_step(make_train_step(stage_loss(stage, cfg, mods, frozen, run, empty), tx, run.ema_decay))
+    data = _host_batches(tokenizer, cfg.size, run.batch_size, run.seed, int(state.step))
+    metrics_file = Path(out_dir) / "metrics.jsonl"
+    t0, losses = time.perf_counter(), []
+    while int(state.step) < run.steps:
+        state, m = step_fn(state, next(data))
+        losses.append(float(m["loss"]))
+        step = int(state.step)
+        if step % run.log_every == 0 or step == run.steps:
+            rec = {
+                "stage": stage,
+                "step": step,
+                "loss": float(np.mean(losses)),
+                "grad_norm": float(m["grad_norm"]),
+                "s_per_step": (time.perf_counter() - t0) / len(losses),
+            }
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            log(json.dumps(rec))
+            t0, losses = time.perf_counter(), []
+        if step % run.ckpt_every == 0 or step == run.steps:
+            ckpts.save(state)
+    return absorb(stage, variables, state.ema, state.batch_stats)
+
+
+def export(cfg: TinyConfig, variables: dict, tokenizer_dir: str | Path, out: str | Path, dtype: Any = jnp.bfloat16):
+    """Write `out/wuerstchen` and `out/wuerstchen-prior` in diffusers' layout (safetensors, configs, tokenizer)."""
+    from wurst_jax.weights.export import export_component
+
+    out = Path(out)
+    mods = modules(cfg)
+    dec, pri = out / "wuerstchen", out / "wuerstchen-prior"
+    export_component(mods["decoder"], variables["decoder"], dec / "decoder", dtype)
+    export_component(mods["vqgan"], variables["vqgan"], dec / "vqgan", dtype)
+    export_component(mods["text"], variables["text_decoder"], dec / "text_encoder", dtype)
+    export_component(mods["prior"], variables["prior"], pri / "prior", dtype)
+    export_component(mods["text"], variables["text_prior"], pri / "text_encoder", dtype)
+    scheduler = {"_class_name": "DDPMWuerstchenScheduler", "scaler": 1.0, "s": 0.008}
+    for folder, index in (
+        (dec, {"_class_name": "WuerstchenDecoderPipeline", "latent_dim_scale": cfg.latent_dim_scale}),
+        (
+            pri,
+            {
+                "_class_name": "WuerstchenPriorPipeline",
+                "latent_mean": 1.0,
+                "latent_std": 0.0,
+                "resolution_multiple": cfg.resolution_multiple,
+            },
+        ),
+    ):
+        (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+        (folder / "model_index.json").write_text(json.dumps({**index, "default_size": cfg.size}, indent=2))
+        shutil.copytree(tokenizer_dir, folder / "tokenizer", dirs_exist_ok=True)
+    return dec, pri
