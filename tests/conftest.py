@@ -87,39 +87,9 @@ def rng():
 
 def clip_tokenizer(folder):
     """The real CLIP BPE tokenizer (vocabulary from open_clip's wheel, built as open_clip does) saved to `folder`."""
-    import gzip
-    import importlib.util
-    import json
-    from pathlib import Path
+    from wurst_jax.train.clip_vocab import build_clip_tokenizer
 
-    from transformers import CLIPTokenizer
-
-    spec = importlib.util.find_spec("open_clip")
-    bpe = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
-    merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    vocab = list(_bytes_to_unicode().values())
-    vocab += [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
-    tok.save_pretrained(str(folder))
-    return tok
-
-
-def _bytes_to_unicode():
-    """GPT-2/CLIP byte → printable character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
+    return build_clip_tokenizer(folder)
 
 
 TEXT_CFG = dict(vocab_size=49408, hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)

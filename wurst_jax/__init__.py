@@ -4,6 +4,7 @@ The public surface: the text-to-image pipelines, the stage modules and their con
 `convert_state_dict` for PyTorch weights, and `WeightsError`, the exception every weight problem raises.
 """
 
+from wurst_jax.conversion import convert_checkpoint
 from wurst_jax.models import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -24,7 +25,7 @@ from wurst_jax.pipeline import (
 from wurst_jax.pipeline_io import enable_compilation_cache
 from wurst_jax.scheduler import DEFAULT_STAGE_C_TIMESTEPS
 from wurst_jax.sharding import initialize_distributed, make_mesh
-from wurst_jax.weights import WeightsError, convert_state_dict, load_component
+from wurst_jax.weights import WeightsError, convert_state_dict, export_component, load_component
 
 __version__ = "0.1.0"
 
@@ -47,6 +48,8 @@ __all__ = [
     "WeightsError",
     "WuerstchenDiffNeXt",
     "WuerstchenPrior",
+    "convert_checkpoint",
     "convert_state_dict",
+    "export_component",
     "load_component",
 ]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+from wurst_jax.conversion import add_convert_parser, run_convert
 from wurst_jax.scheduler import DEFAULT_STAGE_C_TIMESTEPS
+from wurst_jax.train.cli import add_train_parser, run_train
 
 _DTYPES = ("float32", "bfloat16")
 
@@ -14,12 +17,16 @@ _DTYPES = ("float32", "bfloat16")
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate images from a text prompt", description=__doc__)
     p.add_argument("prompt", help="what to draw; Compel weighting such as '(red)1.3' or 'circle++' is understood")
-    p.add_argument("--model", required=True, help="decoder folder (warp-ai/wuerstchen layout) or a combined folder")
+    p.add_argument(
+        "--model",
+        help="decoder folder (warp-ai/wuerstchen layout) or a combined folder; default: the tiny model shipped "
+        "with wurst_jax (64×64 shapes and colours)",
+    )
     p.add_argument("--prior", help="prior folder (warp-ai/wuerstchen-prior layout); omit for a combined folder")
     p.add_argument("--out", default="image.png", help="output PNG; several images are numbered (image_0.png, …)")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (used when guidance > 1)")
-    p.add_argument("--height", type=int, default=1024, help="image height in pixels (default 1024)")
-    p.add_argument("--width", type=int, default=1024, help="image width in pixels (default 1024)")
+    p.add_argument("--height", type=int, help="image height in pixels (default: the model's size, 1024 for v2)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the model's size, 1024 for v2)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
     p.add_argument(
         "--prior-steps",
@@ -49,6 +56,18 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--process-id", type=int, help="multi-host: this process's index (with --coordinator)")
 
 
+TINY_MODEL = Path(__file__).resolve().parent / "assets" / "tiny"
+
+
+def _default_size(model: Path) -> int:
+    """The size a model was trained at (`default_size` in its model_index.json), else v2's 1024."""
+    index = model / "model_index.json"
+    try:
+        return int(json.loads(index.read_text()).get("default_size", 1024))
+    except (OSError, ValueError, AttributeError):
+        return 1024
+
+
 def generate(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
@@ -64,6 +83,11 @@ def generate(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".png":
         raise SystemExit(f"--out must name a .png file, got {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.model is None:
+        if args.prior is not None:
+            raise ValueError("--prior needs --model")
+        args.model, args.prior = str(TINY_MODEL / "wuerstchen"), str(TINY_MODEL / "wuerstchen-prior")
+    size = _default_size(Path(args.model))
     pipe = wj.WuerstchenPipeline.from_pretrained(
         decoder=args.model,
         prior=args.prior,
@@ -75,8 +99,8 @@ def generate(args: argparse.Namespace) -> int:
     )
     images = pipe(
         args.prompt,
-        height=args.height,
-        width=args.width,
+        height=args.height or size,
+        width=args.width or size,
         prior_num_inference_steps=args.prior_steps or 60,
         prior_timesteps=None if args.prior_steps else DEFAULT_STAGE_C_TIMESTEPS,
         prior_guidance_scale=args.prior_guidance,
@@ -99,9 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="wurst-jax", description="Würstchen v2 text-to-image in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
+    add_convert_parser(sub)
+    add_train_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "convert":  # reports its own errors (exit 2) and interruptions (exit 130)
+        return run_convert(args)
     try:
-        return {"generate": generate}[args.command](args)
+        return {"generate": generate, "train": run_train}[args.command](args)
     except (ValueError, OSError) as e:  # bad input: one clear line, no traceback
         print(f"wurst-jax {args.command}: error: {e}", file=sys.stderr)
         return 2

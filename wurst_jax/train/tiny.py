@@ -203,7 +203,8 @@ def train_stage(
     mods = modules(cfg)
     params, stats = trainable(stage, variables)
     tx = make_optimizer(run.lr, run.warmup_steps)
-    state = create_state(params, tx, run.seed, stats)
+    # committed to one device: a mix of committed and uncommitted leaves would compile the step twice
+    state = jax.device_put(create_state(params, tx, run.seed, stats), jax.devices()[0])
     ckpts = Checkpoints(Path(out_dir) / f"ckpt_{stage}")
     if ckpts.latest() is not None:
         state = ckpts.restore(state)

@@ -29,15 +29,20 @@ def is_orbax_component(folder: str | os.PathLike) -> bool:
 
 
 def save_variables(variables: Any, directory: str | os.PathLike) -> Path:
-    """Write `variables` (jax or numpy leaves) as an orbax checkpoint at `directory`, which must not exist yet."""
+    """Write `variables` (jax.Array leaves) as an orbax checkpoint at `directory`, which must not exist yet.
+
+    The layout is `StandardCheckpointer`'s (restore with it, or with `restore_variables`), written synchronously
+    and without orbax's default zstd compression: weights barely compress (≈10 %), and compressing holds a
+    compressed copy of every array in memory until it is written (peak ≈ 1.7× the model instead of ≈ 1.05×)
+    and makes restoring slower. numpy leaves work too but orbax copies them first: pass jax arrays.
+    """
     import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
     if directory.exists():
         raise FileExistsError(f"{directory}: already exists; orbax checkpoints are written into a new folder")
-    with ocp.StandardCheckpointer() as ckptr:  # leaving the block waits for the background write
-        ckptr.save(directory, variables)
-        ckptr.wait_until_finished()
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as ckptr:
+        ckptr.save(directory, args=ocp.args.PyTreeSave(variables))
     return directory
 
 
@@ -67,9 +72,8 @@ def restore_variables(directory: str | os.PathLike, target: Any, shardings: Any 
     import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
-    stored = stored_metadata(directory)
-    flat_target = traverse_util.flatten_dict(target)
-    _check_against(directory, stored, flat_target)
+    # Checked here rather than left to orbax: its refusal names one array and leaves its reads pending.
+    _check_against(directory, stored_metadata(directory), traverse_util.flatten_dict(target))
     abstract = jax.tree_util.tree_map(
         lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), target, _shardings_like(target, shardings)
     )
@@ -77,7 +81,8 @@ def restore_variables(directory: str | os.PathLike, target: Any, shardings: Any 
         with ocp.StandardCheckpointer() as ckptr:
             return ckptr.restore(directory, abstract)
     except Exception as e:  # a data file missing or damaged after the metadata was read
-        raise WeightsError(f"{directory}: restoring the orbax checkpoint failed ({type(e).__name__}: {e})") from None
+        problem = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+        raise WeightsError(f"{directory}: restoring the orbax checkpoint failed ({problem})") from None
 
 
 def _shardings_like(target: Any, shardings: Any) -> Any:

@@ -1,0 +1,70 @@
+"""`wurst-jax train`: train the tiny Würstchen from scratch, stage by stage, resumable; export it.
+
+The config is a JSON file (see `wurst_jax/train/configs/tiny.json`): `out` (run folder), `size`, and per-stage
+run settings (`steps`, `batch_size`, `lr`, `warmup_steps`, `ema_decay`, `cond_dropout`, `seed`, `log_every`,
+`ckpt_every`), either at top level or under "a" / "b" / "c". After each stage the variables of all components
+are saved with orbax in `out/variables`; the next stage starts from them, and an interrupted stage resumes from
+its own checkpoints (`out/ckpt_<stage>`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import jax
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the tiny Würstchen (stages a, b, c) on the procedural shapes dataset")
+    p.add_argument("--stage", choices=("a", "b", "c"), help="the stage to train (needs the earlier ones done)")
+    p.add_argument("--config", required=True, help="JSON run config (e.g. wurst_jax/train/configs/tiny.json)")
+    p.add_argument("--export", metavar="DIR", help="write DIR/wuerstchen and DIR/wuerstchen-prior (bf16 safetensors)")
+
+
+def _run_config(raw: dict, stage: str):
+    from wurst_jax.train.tiny import RunConfig
+
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    merged = {**{k: v for k, v in raw.items() if k in fields}, **raw.get(stage, {})}
+    unknown = set(raw.get(stage, {})) - fields
+    if unknown:
+        raise ValueError(f"config section {stage!r}: unknown keys {sorted(unknown)}; known: {sorted(fields)}")
+    return RunConfig(**merged)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from wurst_jax.train.tiny import TinyConfig, export, init_variables, modules, train_stage
+    from wurst_jax.weights.orbax_io import restore_variables, save_variables
+
+    raw = json.loads(Path(args.config).read_text())
+    if "out" not in raw:
+        raise ValueError(f"{args.config}: needs an 'out' folder")
+    out = Path(raw["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = TinyConfig(size=raw.get("size", 64))
+    saved = out / "variables"
+    fresh = init_variables(cfg, modules(cfg), raw.get("seed", 0))
+    variables = restore_variables(saved, jax.eval_shape(lambda: fresh)) if saved.exists() else fresh
+    if args.stage:
+        tokenizer = AutoTokenizer.from_pretrained(str(ASSETS / "tokenizer"))
+        variables = train_stage(args.stage, cfg, variables, tokenizer, _run_config(raw, args.stage), out)
+        tmp = out / "variables.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_variables(variables, tmp)
+        shutil.rmtree(saved, ignore_errors=True)
+        tmp.rename(saved)
+        (out / f"stage_{args.stage}.done").write_text("ok\n")
+    if args.export:
+        for d in export(cfg, variables, ASSETS / "tokenizer", args.export):
+            print(d)
+    if not args.stage and not args.export:
+        raise ValueError("nothing to do: pass --stage and/or --export")
+    return 0

@@ -1,0 +1,81 @@
+"""Original Würstchen `.pt` checkpoints, read with `torch.load(weights_only=True)` only.
+
+A pickle can run arbitrary code when it is loaded; `weights_only=True` restricts the unpickler to tensors and
+plain containers, so a file holding anything else is refused with a `WeightsError` before any of its code runs.
+torch is imported here, lazily: the rest of wurst_jax never needs it. Zip-format files (every `torch.save` since
+1.6) are memory-mapped, so tensors are paged in as the converter reads them.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from wurst_jax.weights.convert import TensorRef, state_dict_source
+from wurst_jax.weights.errors import WeightsError
+
+# Which entry of a training checkpoint holds the weights, in order of preference (EMA weights are the ones
+# released for inference).
+STATE_DICT_KEYS = ("ema_state_dict", "state_dict", "model_state_dict", "model")
+
+
+def read_torch_checkpoint(path: str | os.PathLike) -> tuple[dict[str, TensorRef], str]:
+    """A `.pt` file → (tensor refs by name, which entry they came from: 'ema_state_dict', … or '' for the top level).
+
+    Raises `WeightsError` for a file that is not a torch checkpoint, that holds objects other than tensors and
+    containers (refused, nothing executed), or that holds no state dict of tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file")
+    try:
+        import torch
+    except ImportError:
+        raise WeightsError(f"{path}: reading .pt checkpoints needs PyTorch (pip install torch)") from None
+    mmap = zipfile.is_zipfile(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise WeightsError(
+            f"{path}: refused: the pickle holds objects other than tensors and plain containers, which could run "
+            f"code when loaded ({_reason(e)}); it was not loaded"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
+        raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    state_dict, entry = _find_state_dict(obj, path, torch.Tensor)
+    return state_dict_source(state_dict), entry
+
+
+def _reason(e: Exception) -> str:
+    """torch's weights-only message without its boilerplate (which suggests retrying with weights_only=False)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    keep = [line for line in lines if not line.startswith(skip)]
+    return "; ".join(keep) or type(e).__name__
+
+
+def _find_state_dict(obj: Any, path: Path, tensor_type: type) -> tuple[dict[str, Any], str]:
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{path}: expected a dict (a state dict or a checkpoint with one), got {type(obj).__name__}")
+    for entry in STATE_DICT_KEYS:
+        if isinstance(obj.get(entry), Mapping):
+            return _tensors_only(obj[entry], path, tensor_type, entry), entry
+    if obj and all(isinstance(v, tensor_type) for v in obj.values()):
+        return dict(obj), ""
+    raise WeightsError(
+        f"{path}: no state dict found: expected one of the entries {list(STATE_DICT_KEYS)} or a flat dict of "
+        f"tensors; top-level keys are {sorted(map(str, obj))[:20]}"
+    )
+
+
+def _tensors_only(sd: Mapping, path: Path, tensor_type: type, entry: str) -> dict[str, Any]:
+    bad = [str(k) for k, v in sd.items() if not isinstance(v, tensor_type)]
+    if bad:
+        raise WeightsError(f"{path}: entry {entry!r} holds values that are not tensors: {bad[:10]}")
+    if not sd:
+        raise WeightsError(f"{path}: entry {entry!r} is empty")
+    return dict(sd)
