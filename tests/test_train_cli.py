@@ -1,0 +1,61 @@
+"""`wurst-jax train` end to end on a few steps: stages a → b → c, resume, export, generate from the export."""
+
+import json
+
+from PIL import Image
+
+from wurst_jax.cli import main
+
+
+def test_train_resume_export_generate(tmp_path, capsys):
+    config = tmp_path / "run.json"
+    run = {
+        "out": str(tmp_path / "run"),
+        "size": 64,
+        "batch_size": 2,
+        "log_every": 1,
+        "ckpt_every": 1,
+        "a": {"steps": 2},
+        "b": {"steps": 1},
+        "c": {"steps": 1},
+    }
+    config.write_text(json.dumps(run))
+    for stage in "abc":
+        assert main(["train", "--stage", stage, "--config", str(config)]) == 0
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["stage"], m["step"]) for m in metrics] == [("a", 1), ("a", 2), ("b", 1), ("c", 1)]
+    run["a"]["steps"] = 3  # one more step of stage a: resumes from its checkpoint at step 2
+    config.write_text(json.dumps(run))
+    assert main(["train", "--stage", "a", "--config", str(config)]) == 0
+    assert "stage a: resumed at step 2" in capsys.readouterr().out
+    export = tmp_path / "export"
+    assert main(["train", "--config", str(config), "--export", str(export)]) == 0
+    out = tmp_path / "img.png"
+    args = [
+        "generate",
+        "a red circle on a blue background",
+        "--model",
+        str(export / "wuerstchen"),
+        "--prior",
+        str(export / "wuerstchen-prior"),
+        "--out",
+        str(out),
+        "--prior-steps",
+        "2",
+        "--steps",
+        "2",
+        "--quiet",
+    ]
+    assert main(args) == 0
+    with Image.open(out) as img:
+        assert img.size == (64, 64)  # the model's own size, from its model_index.json
+
+
+def test_train_config_errors(tmp_path, capsys):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"size": 64}))
+    assert main(["train", "--stage", "a", "--config", str(config)]) == 2
+    assert "needs an 'out' folder" in capsys.readouterr().err
+    config.write_text(json.dumps({"out": str(tmp_path / "r"), "a": {"stepz": 3}}))
+    assert main(["train", "--stage", "a", "--config", str(config)]) == 2
+    assert "unknown keys ['stepz']" in capsys.readouterr().err
