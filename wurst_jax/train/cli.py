@@ -22,7 +22,9 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the tiny Würstchen (stages a, b, c) on the procedural shapes dataset")
-    p.add_argument("--stage", choices=("a", "b", "c"), help="the stage to train (needs the earlier ones done)")
+    p.add_argument(
+        "--stage", choices=("a", "a-decoder", "b", "c"), help="the stage to train (needs the earlier ones done)"
+    )
     p.add_argument("--config", required=True, help="JSON run config (e.g. wurst_jax/train/configs/tiny.json)")
     p.add_argument("--export", metavar="DIR", help="write DIR/wuerstchen and DIR/wuerstchen-prior (bf16 safetensors)")
 

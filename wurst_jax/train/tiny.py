@@ -1,10 +1,11 @@
 """A tiny Würstchen trained from scratch on the procedural shapes dataset: configs, the three training stages,
 and export to the diffusers folder layout the pipeline loads.
 
-Order: Stage A (VQGAN, reconstruction) → Stage B with the semantic encoder and the decoder's text encoder
-(ε-loss on Stage A latents, the encoder learning what Stage B needs) → Stage C with the prior's text encoder
-(ε-loss on the frozen semantic encoder's latents). 64×64 images: Stage A latents 16×16×4, semantic latents
-4×4×16 (pipeline `resolution_multiple` 16, `latent_dim_scale` 4).
+Order: Stage A (VQGAN, reconstruction; optionally "a-decoder": more decoder training on the frozen encoder's
+unquantised latents, which leaves the latent space Stage B learns unchanged) → Stage B with the semantic
+encoder and the decoder's text encoder (ε-loss on Stage A latents, the encoder learning what Stage B needs) →
+Stage C with the prior's text encoder (ε-loss on the frozen semantic encoder's latents). 64×64 images:
+Stage A latents 16×16×4, semantic latents 4×4×16 (pipeline `resolution_multiple` 16, `latent_dim_scale` 4).
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ class TinyConfig:
     )
     resolution_multiple: float = 16.0
     latent_dim_scale: float = 4.0
+
+
+_DECODER = ("up_blocks", "out_block")  # Stage A's decoder half; "a-decoder" refines it on frozen encoder latents
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,8 +167,19 @@ def stage_loss(stage: str, cfg: TinyConfig, mods: dict, frozen: dict, run: RunCo
             clip = jnp.where(keep, clip, jnp.broadcast_to(empty_clip, clip.shape))
             return objectives.stage_c_loss(mods["prior"], params["prior"], rng, jax.lax.stop_gradient(target), clip), {}
 
+    elif stage == "a-decoder":
+        encoder = {k: v for k, v in frozen["vqgan"]["params"].items() if not k.startswith(_DECODER)}
+        stats = frozen["vqgan"]["batch_stats"]
+
+        def loss(params, _, rng, batch):
+            vq = {"params": {**encoder, **params}, "batch_stats": stats}
+            z = jax.lax.stop_gradient(mods["vqgan"].apply(vq, batch["images"], method="encode"))
+            z = z + 0.05 * jax.random.normal(rng, z.shape)  # Stage B's latents are close to, not exactly, these
+            rec = mods["vqgan"].apply(vq, z, method="decode")
+            return jnp.mean(jnp.square(rec.astype(jnp.float32) - batch["images"])), {}
+
     else:
-        raise ValueError(f"stage must be 'a', 'b' or 'c', got {stage!r}")
+        raise ValueError(f"stage must be 'a', 'a-decoder', 'b' or 'c', got {stage!r}")
     return loss
 
 
@@ -172,6 +187,8 @@ def trainable(stage: str, variables: dict) -> tuple[Any, Any]:
     """(params, batch_stats) trained in `stage`."""
     if stage == "a":
         return variables["vqgan"]["params"], variables["vqgan"]["batch_stats"]
+    if stage == "a-decoder":
+        return {k: v for k, v in variables["vqgan"]["params"].items() if k.startswith(_DECODER)}, {}
     if stage == "b":
         v = variables
         return {
@@ -187,6 +204,8 @@ def absorb(stage: str, variables: dict, params: Any, stats: Any) -> dict:
     v = dict(variables)
     if stage == "a":
         v["vqgan"] = {"params": params, "batch_stats": stats}
+    elif stage == "a-decoder":
+        v["vqgan"] = {**v["vqgan"], "params": {**v["vqgan"]["params"], **params}}
     elif stage == "b":
         v["decoder"], v["semantic"], v["text_decoder"] = (
             {"params": params[k]} for k in ("decoder", "semantic", "text")
