@@ -106,5 +106,9 @@ def test_sharded_train_step_equals_unsharded(tiny, mode):
     leaf = new.params["prior"]["blocks_0"]["channelwise_0"]["kernel"]
     P = jax.sharding.PartitionSpec
     assert leaf.sharding.spec == (P() if mode == "dp" else P(None, ("data", "model")))
-    moment = new.opt_state[1][0].mu["prior"]["blocks_0"]["channelwise_0"]["kernel"]  # Adam's first moment
-    assert moment.sharding.spec == leaf.sharding.spec
+    moments = [  # Adam's first and second moments of that kernel follow its sharding
+        x
+        for path, x in jax.tree_util.tree_leaves_with_path(new.opt_state)
+        if "prior" in jax.tree_util.keystr(path) and "blocks_0']['channelwise_0']['kernel" in jax.tree_util.keystr(path)
+    ]
+    assert len(moments) == 2 and all(m.sharding.spec == leaf.sharding.spec for m in moments)

@@ -170,7 +170,8 @@ class GlobalResponseNorm(nn.Module):
         gamma = self.param("gamma", init, (1, 1, 1, self.dim), self.param_dtype)
         beta = self.param("beta", init, (1, 1, 1, self.dim), self.param_dtype)
         x32 = x.astype(jnp.float32)
-        agg = jnp.sqrt(jnp.sum(jnp.square(x32), axis=(1, 2), keepdims=True))
+        # the floor keeps the gradient finite where a channel is exactly zero (d√s/ds = ∞ at s = 0 in JAX)
+        agg = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x32), axis=(1, 2), keepdims=True), 1e-30))
         stand = agg / (jnp.mean(agg, axis=-1, keepdims=True) + 1e-6)
         out = gamma.astype(jnp.float32) * (x32 * stand) + beta.astype(jnp.float32) + x32
         return out.astype(self.dtype)

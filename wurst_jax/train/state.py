@@ -35,11 +35,13 @@ class TrainState:
 def make_optimizer(
     lr: float, warmup_steps: int = 100, weight_decay: float = 0.01, clip_norm: float = 1.0
 ) -> optax.GradientTransformation:
-    """AdamW with linear warm-up to `lr` then constant (as the Würstchen scripts), global-norm clipping first."""
+    """AdamW with linear warm-up to `lr` then constant (as the Würstchen scripts), global-norm clipping first;
+    an update with a non-finite gradient is skipped (up to 10 in a row, then it raises NaNs through)."""
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, lr, max(warmup_steps, 1)), optax.constant_schedule(lr)], [max(warmup_steps, 1)]
     )
-    return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, b2=0.999, weight_decay=weight_decay))
+    tx = optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, b2=0.999, weight_decay=weight_decay))
+    return optax.apply_if_finite(tx, max_consecutive_errors=10)  # a non-finite step is skipped, not applied
 
 
 def create_state(params: Any, tx: optax.GradientTransformation, seed: int, batch_stats: Any = None) -> TrainState:
