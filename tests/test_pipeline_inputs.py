@@ -141,3 +141,21 @@ def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
         states = pipe.prior_pipe.text([long])
     assert states.shape[1] == 77
     assert "truncated" in caplog.text
+
+
+def test_offload_lowers_peak_device_memory(tiny_checkpoints):
+    from wurst_jax.pipeline_io import peak_device_memory
+
+    decoder_dir, prior_dir, _ = tiny_checkpoints
+    peaks = {}
+    for offload in (False, True):
+        pipe = wj.WuerstchenPipeline.from_pretrained(decoder_dir, prior_dir, offload=offload, progress=False)
+        peak_device_memory(reset=True)
+        pipe("a red circle", seed=0, **FAST)
+        peaks[offload] = peak_device_memory()
+        del pipe
+    weights = sum(
+        x.nbytes for name in ("prior", "text_encoder") for x in _leaves(wj.load_component(prior_dir / name)[1])
+    )
+    assert peaks[True] < peaks[False]
+    assert peaks[False] - peaks[True] >= 0.5 * weights  # the prior's stage is off the device while the decoder runs

@@ -57,6 +57,25 @@ class Component:
 
 _CACHE: dict[Any, Any] = {}
 _JITTED: dict[Any, Any] = {}
+_PEAK = [0]
+
+
+def device_memory_in_use() -> int:
+    """Bytes in use on the first device: the allocator's figure where the backend reports one (GPU, TPU), else
+    the bytes of all live jax arrays (weights, inputs, outputs; not XLA's temporary buffers)."""
+    stats = jax.devices()[0].memory_stats()
+    if stats and "bytes_in_use" in stats:
+        return int(stats["bytes_in_use"])
+    return sum(x.nbytes for x in jax.live_arrays() if not x.is_deleted())
+
+
+def peak_device_memory(reset: bool = False) -> int:
+    """The highest `device_memory_in_use` seen right after a pipeline stage ran (GPU/TPU: the allocator's peak)."""
+    stats = jax.devices()[0].memory_stats()
+    peak = int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else _PEAK[0]
+    if reset:
+        _PEAK[0] = 0
+    return peak
 
 
 def compiled(name: str, fn: Callable, static: tuple[int, ...], progress: bool = False, detail: str = "") -> Callable:
@@ -74,8 +93,13 @@ def compiled(name: str, fn: Callable, static: tuple[int, ...], progress: bool = 
                 _say(f"{name}: compiled in {time.perf_counter() - t0:.2f} s" + (f" ({detail})" if detail else ""))
         t0 = time.perf_counter()
         out = jax.block_until_ready(exe(*dynamic))
+        in_use = device_memory_in_use()
+        _PEAK[0] = max(_PEAK[0], in_use)
         if progress:
-            _say(f"{name}: {detail + ': ' if detail else ''}ran in {time.perf_counter() - t0:.2f} s")
+            mib = in_use / 2**20
+            _say(
+                f"{name}: {detail + ': ' if detail else ''}ran in {time.perf_counter() - t0:.2f} s, {mib:.0f} MiB in use"
+            )
         return out
 
     return call
