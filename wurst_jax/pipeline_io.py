@@ -96,10 +96,8 @@ def compiled(name: str, fn: Callable, static: tuple[int, ...], progress: bool = 
         in_use = device_memory_in_use()
         _PEAK[0] = max(_PEAK[0], in_use)
         if progress:
-            mib = in_use / 2**20
-            _say(
-                f"{name}: {detail + ': ' if detail else ''}ran in {time.perf_counter() - t0:.2f} s, {mib:.0f} MiB in use"
-            )
+            what = f"{name}: {detail + ': ' if detail else ''}"
+            _say(f"{what}ran in {time.perf_counter() - t0:.2f} s, {in_use / 2**20:.0f} MiB in use")
         return out
 
     return call
