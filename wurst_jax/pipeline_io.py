@@ -61,17 +61,24 @@ _PEAK = [0]
 
 
 def device_memory_in_use() -> int:
-    """Bytes in use on the first device: the allocator's figure where the backend reports one (GPU, TPU), else
-    the bytes of all live jax arrays (weights, inputs, outputs; not XLA's temporary buffers)."""
-    stats = jax.devices()[0].memory_stats()
+    """Bytes in use on this process's first device: the allocator's figure where the backend reports one (GPU,
+    TPU), else the bytes of the live jax array shards on it (weights, inputs, outputs; not XLA's temporaries)."""
+    device = jax.local_devices()[0]
+    stats = device.memory_stats()
     if stats and "bytes_in_use" in stats:
         return int(stats["bytes_in_use"])
-    return sum(x.nbytes for x in jax.live_arrays() if not x.is_deleted())
+    return sum(
+        s.data.nbytes
+        for x in jax.live_arrays()
+        if not x.is_deleted()
+        for s in x.addressable_shards
+        if s.device == device
+    )
 
 
 def peak_device_memory(reset: bool = False) -> int:
     """The highest `device_memory_in_use` seen right after a pipeline stage ran (GPU/TPU: the allocator's peak)."""
-    stats = jax.devices()[0].memory_stats()
+    stats = jax.local_devices()[0].memory_stats()
     peak = int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else _PEAK[0]
     if reset:
         _PEAK[0] = 0
