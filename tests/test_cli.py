@@ -92,3 +92,14 @@ def test_generate_sharded_matches_unsharded(tiny_checkpoints, tmp_path):
         a = np.asarray(Image.open(tmp_path / f"one_{i}.png"), np.int16)
         b = np.asarray(Image.open(tmp_path / f"many_{i}.png"), np.int16)
         assert np.abs(a - b).max() <= 1  # 8-bit rounding of images equal to ~1e-5
+
+
+def test_generate_with_the_shipped_tiny_model(tmp_path):
+    out = tmp_path / "default.png"
+    res = run_cli("generate", "a red circle on a blue background", "--out", str(out), "--quiet")
+    assert res.returncode == 0, res.stderr
+    with Image.open(out) as img:
+        assert img.size == (64, 64) and img.mode == "RGB"
+        pixels = np.asarray(img, np.float32)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    assert border.mean(0)[2] > 150 and border.mean(0)[0] < 100  # a blue background, as asked
