@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -70,14 +71,8 @@ def test_combined_folder_and_offload_give_the_same_images(pipe, tiny_checkpoints
     one_folder = wj.WuerstchenPipeline.from_pretrained(combined, progress=False)
     np.testing.assert_array_equal(one_folder("a red circle", seed=3, **FAST).images, want)
     offloaded = wj.WuerstchenPipeline.from_pretrained(decoder_dir, prior_dir, offload=True, progress=False)
-    assert isinstance(next(iter(_leaves(offloaded.prior_pipe.prior.variables))), np.ndarray)
+    assert isinstance(next(iter(jax.tree_util.tree_leaves(offloaded.prior_pipe.prior.variables))), np.ndarray)
     np.testing.assert_array_equal(offloaded("a red circle", seed=3, **FAST).images, want)
-
-
-def _leaves(tree):
-    import jax
-
-    return jax.tree_util.tree_leaves(tree)
 
 
 def test_prompt_embeds_replace_the_prompt(pipe):
@@ -155,7 +150,9 @@ def test_offload_lowers_peak_device_memory(tiny_checkpoints):
         peaks[offload] = peak_device_memory()
         del pipe
     weights = sum(
-        x.nbytes for name in ("prior", "text_encoder") for x in _leaves(wj.load_component(prior_dir / name)[1])
+        x.nbytes
+        for name in ("prior", "text_encoder")
+        for x in jax.tree_util.tree_leaves(wj.load_component(prior_dir / name)[1])
     )
     assert peaks[True] < peaks[False]
     assert peaks[False] - peaks[True] >= 0.5 * weights  # the prior's stage is off the device while the decoder runs

@@ -88,7 +88,9 @@ def state_shardings(abstract_state: TrainState, boxed_params: Any, mesh: Mesh, m
     """NamedShardings for the whole state: every leaf shaped like a parameter (params, EMA, Adam moments) follows
     that parameter's spec for `mode` ("dp" replicates, "fsdp" splits); everything else is replicated."""
     specs = traverse_util.flatten_dict(param_specs({"params": boxed_params}, mesh, mode)["params"])
-    shapes = {path: leaf.shape for path, leaf in traverse_util.flatten_dict(nn_unbox(boxed_params)).items()}
+    shapes = {
+        path: leaf.shape for path, leaf in traverse_util.flatten_dict(flax.linen.meta.unbox(boxed_params)).items()
+    }
 
     def sharding(path, leaf):
         keys = tuple(getattr(k, "key", None) for k in path)
@@ -99,10 +101,6 @@ def state_shardings(abstract_state: TrainState, boxed_params: Any, mesh: Mesh, m
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree_util.tree_map_with_path(sharding, abstract_state)
-
-
-def nn_unbox(tree: Any) -> Any:
-    return flax.linen.meta.unbox(tree)
 
 
 def batch_sharding(mesh: Mesh) -> Callable[[Any], NamedSharding]:

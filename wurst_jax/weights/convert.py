@@ -23,7 +23,7 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
-from wurst_jax.weights.errors import WeightsError
+from wurst_jax.weights.errors import WeightsError, mismatch_error
 
 Path = tuple[str, ...]
 
@@ -138,12 +138,7 @@ def convert(
         plan[path] = (key, ref)
     missing = ["/".join(p) for p in flat_target if p not in plan and p not in misshaped_paths]
     if missing or unexpected or misshaped:
-        lines = [f"{name}: the weights do not fit the model"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if keys:
-                lines.append(f"  {title} ({len(keys)}):")
-                lines += [f"    {k}" for k in keys]
-        raise WeightsError("\n".join(lines))
+        raise mismatch_error(f"{name}: the weights do not fit the model", missing, unexpected, misshaped)
     place = place or _default_place
     out = {}
     for path, (key, ref) in plan.items():

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from wurst_jax.weights.errors import WeightsError
+from wurst_jax.weights.errors import WeightsError, mismatch_error
 
 ORBAX_DIR = "orbax"
 
@@ -102,9 +102,5 @@ def _check_against(directory: Path, stored: dict, flat_target: dict) -> None:
         if p in stored and stored[p][0] != tuple(t.shape)
     ]
     if missing or unexpected or misshaped:
-        lines = [f"{directory}: the checkpoint does not fit the model built from config.json"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if keys:
-                lines.append(f"  {title} ({len(keys)}):")
-                lines += [f"    {k}" for k in keys]
-        raise WeightsError("\n".join(lines))
+        headline = f"{directory}: the checkpoint does not fit the model built from config.json"
+        raise mismatch_error(headline, missing, unexpected, misshaped)
