@@ -377,6 +377,14 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def device_peak(device_kind: str | None, table: dict = SPEC_PEAK, override_tflops: float | None = None):
+    """Dense bf16 FLOP/s of a device (by its `device_kind`, e.g. "NVIDIA H100 80GB HBM3") from `table`, None if
+    unknown (a CPU); `override_tflops` (--peak-tflops), if given, wins."""
+    if override_tflops:
+        return override_tflops * 1e12
+    return next((v for k, v in table.items() if k in (device_kind or "")), None)
+
+
 def finish_rows(a, rows: list[dict], out: Path) -> list[dict]:
     """Common keys (date, config, versions) and MFU; the reference rows use wurst_jax's FLOPs for the same work."""
     flops = next((r["flops_per_image"] for r in rows if r.get("flops_per_image")), None)
@@ -391,8 +399,7 @@ def finish_rows(a, rows: list[dict], out: Path) -> list[dict]:
         r.update(date=date, config=a.config, dtype=a.dtype if r["implementation"] == "wurst_jax" else "bf16")
         r.update(reps=a.reps, versions=vers, model_flops_per_image=per_image, label=a.label or None)
         for key, table in (("mfu", SPEC_PEAK), ("mfu_vs_measured_peak", MEASURED_PEAK)):
-            peak = next((v for k, v in table.items() if k in (r["device"] or "")), None)
-            peak = a.peak_tflops * 1e12 if a.peak_tflops else peak
+            peak = device_peak(r["device"], table, a.peak_tflops)
             r[key] = per_image * r["batch"] / r["seconds_per_batch"] / peak if per_image and peak else None
     return rows
 

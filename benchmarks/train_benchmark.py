@@ -1,0 +1,297 @@
+"""Train-step benchmark: Stage C (the ~1B-parameter Würstchen v2 prior) at 1024², random weights.
+
+Usage (repo root):  python benchmarks/train_benchmark.py --config v2 --batch 8 [--sharding fsdp] [--steps 10]
+One train step is the library's own: `objectives.stage_c_loss` (P2-weighted ε-MSE, dropout on) through
+`make_train_step` (AdamW with warm-up and global-norm clipping from `make_optimizer`, EMA of the params), jitted by
+`jit_train_step` with the state donated. Params are f32 masters, the math bf16 (`dtype=bfloat16`,
+`param_dtype=float32`). Inputs are Stage C latents [B, h, h, 16] (h = ceil(res / 42.67): 24 at 1024²) and CLIP
+text states [B, 77, c_cond], random, placed once: the figures are the step's, not a data pipeline's.
+With more than one device the state is sharded over a ("data", "model") mesh as `--sharding` says (dp: params
+replicated; fsdp: every param, its Adam moments and its EMA split) and the batch over "data"; the whole state is
+made by one jit with `out_shardings` (never the full tree on one device first). On one device: no mesh.
+Timing: explicit lower + compile (`compile_s`), `--warmup` steps, then `--steps` steps dispatched back to back and
+timed to `block_until_ready` of the last state. FLOPs: the compiled executable's `cost_analysis()` (XLA's count for
+the partitioned, per-device program; forward + backward + optimizer + EMA); MFU = per-device FLOPs per step / step
+time / the device's dense bf16 peak (`generate_benchmark.device_peak`, or `--peak-tflops`). Peak memory: the
+device allocator's peak (largest over local devices; n/a on the CPU). The table is appended to
+`<out-dir>/RESULTS.md` and one JSON row to `<out-dir>/results.jsonl` unless `--no-write`.
+`--dry-run` only traces abstractly (`jax.eval_shape`): parameter count and train-state bytes, per device with the
+sharding; nothing is compiled, nothing allocated — the way to check the full-size config on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import generate_benchmark as gb  # noqa: E402  (also puts the repo root on sys.path)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import linen as nn  # noqa: E402
+
+import wurst_jax as wj  # noqa: E402
+from wurst_jax.models import abstract_variables, example_inputs  # noqa: E402
+from wurst_jax.sharding import DATA  # noqa: E402
+from wurst_jax.train import objectives  # noqa: E402
+from wurst_jax.train.state import (  # noqa: E402
+    batch_sharding,
+    create_state,
+    jit_train_step,
+    make_optimizer,
+    make_train_step,
+    state_shardings,
+)
+
+BENCHMARK = "train_step_stage_c"
+TEXT_LEN = 77
+LR, WARMUP_SCHEDULE, EMA_DECAY, SEED = 1e-4, 100, 0.999, 0
+DEFAULTS = {"v2": dict(res=1024, batch=8), "small": dict(res=256, batch=8)}  # small: divides 8 fake CPU devices
+KEYS = ("implementation", "benchmark", "device", "date", "config", "batch", "samples_per_s", "seconds_per_step")
+KEYS += ("mfu", "flops_per_step", "compile_s", "peak_mem_bytes", "params")
+
+
+def stage_c_config(name: str) -> wj.StageCConfig:
+    """v2: the released prior (993,636,896 params); small: two blocks of width 64, compiles in seconds on a CPU."""
+    if name == "v2":
+        return wj.StageCConfig.v2()
+    if name == "small":
+        return wj.StageCConfig(c_in=16, c=64, c_cond=64, c_r=16, depth=2, nhead=4, dropout=0.1)
+    raise ValueError(f"unknown config {name!r}")
+
+
+def latent_side(res: int) -> int:
+    return math.ceil(res / 42.67)  # the prior pipeline's latent grid: 24 at 1024²
+
+
+def build(a) -> dict:
+    """Module, optimizer, train step, mesh and the abstract state with its shardings (nothing allocated yet)."""
+    cfg = stage_c_config(a.config)
+    module = wj.WuerstchenPrior(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    tx = make_optimizer(LR, WARMUP_SCHEDULE)
+
+    def loss_fn(params, batch_stats, rng, batch):
+        return objectives.stage_c_loss(module, params, rng, batch["latents"], batch["clip"]), {}
+
+    def init_state(key):
+        inputs = [jnp.zeros(x.shape, x.dtype) for x in example_inputs(module)]
+        params = nn.meta.unbox(module.init(key, *inputs)["params"])
+        return create_state(params, tx, SEED)
+
+    devices = jax.devices()[: a.devices] if a.devices else jax.devices()
+    h = latent_side(a.res)
+    batch_shapes = {
+        "latents": jax.ShapeDtypeStruct((a.batch, h, h, cfg.c_in), jnp.float32),
+        "clip": jax.ShapeDtypeStruct((a.batch, TEXT_LEN, cfg.c_cond), jnp.float32),
+    }
+    abstract = jax.eval_shape(init_state, jax.random.key(SEED))
+    out = dict(cfg=cfg, module=module, tx=tx, init_state=init_state, devices=devices, abstract=abstract)
+    out.update(step=make_train_step(loss_fn, tx, EMA_DECAY), batch_shapes=batch_shapes, mesh=None)
+    out.update(state_sh=None, batch_sh=None, sharding=None)
+    if len(devices) > 1:
+        mesh = wj.make_mesh(data=-1, model=1, devices=devices)
+        if a.batch % mesh.shape[DATA]:
+            raise SystemExit(f"--batch {a.batch} does not divide over the {mesh.shape[DATA]}-way data axis")
+        boxed = abstract_variables(module, boxed=True)["params"]
+        state_sh = state_shardings(abstract, boxed, mesh, a.sharding)
+        batch_sh = jax.tree_util.tree_map(batch_sharding(mesh), batch_shapes)
+        out.update(mesh=mesh, state_sh=state_sh, batch_sh=batch_sh, sharding=a.sharding)
+    return out
+
+
+def tree_bytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+def per_device_bytes(abstract, shardings) -> int:
+    """Bytes of the state on one device: each leaf's shard shape (the whole leaf when unsharded)."""
+    if shardings is None:
+        return tree_bytes(abstract)
+    sizes = jax.tree_util.tree_map(
+        lambda x, s: math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize, abstract, shardings
+    )
+    return sum(jax.tree_util.tree_leaves(sizes))
+
+
+def dry_run(a) -> dict:
+    """Shapes only: parameter count and train-state bytes (params, Adam moments, EMA), total and per device."""
+    b = build(a)
+    params = sum(x.size for x in jax.tree_util.tree_leaves(b["abstract"].params))
+    return dict(
+        config=a.config, params=params, state_bytes=tree_bytes(b["abstract"]), n_devices=len(b["devices"]),
+        state_bytes_per_device=per_device_bytes(b["abstract"], b["state_sh"]), sharding=b["sharding"],
+        latent_shape=list(b["batch_shapes"]["latents"].shape), text_shape=list(b["batch_shapes"]["clip"].shape),
+    )  # fmt: skip
+
+
+def compiled_flops(compiled) -> float | None:
+    """FLOPs of the compiled (for a mesh: per-device, partitioned) program from XLA's cost analysis."""
+    try:
+        ca = compiled.cost_analysis()
+    except Exception:  # a backend without cost analysis
+        return None
+    total = sum(float(c.get("flops", 0.0)) for c in (ca if isinstance(ca, (list, tuple)) else [ca]) if c)
+    return total or None
+
+
+def peak_memory(devices) -> int | None:
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices if d.process_index == 0]
+    peaks = [p for p in peaks if p is not None]
+    return max(peaks) if peaks else None
+
+
+def make_batch(shapes: dict, shardings: dict | None, seed: int = 1) -> dict:
+    rng = np.random.default_rng(seed)
+    host = {k: rng.standard_normal(s.shape, np.float32) for k, s in shapes.items()}
+    if shardings is None:
+        return jax.device_put(host, jax.devices()[0])
+    return {k: jax.make_array_from_callback(x.shape, shardings[k], lambda i, x=x: x[i]) for k, x in host.items()}
+
+
+def benchmark(a) -> dict:
+    """Build, compile, warm up and time the train step; returns the record (without date and versions)."""
+    b = build(a)
+    dev = b["devices"][0]
+    init = jax.jit(b["init_state"], out_shardings=b["state_sh"] or jax.sharding.SingleDeviceSharding(dev))
+    state = jax.block_until_ready(init(jax.random.key(SEED)))  # made where it lives, sharded if on a mesh
+    batch = make_batch(b["batch_shapes"], b["batch_sh"])
+    jitted = jit_train_step(b["step"], b["state_sh"], b["batch_sh"])
+    t0 = time.perf_counter()
+    compiled = jitted.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    for _ in range(a.warmup):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    total_s = time.perf_counter() - t0
+    n = len(b["devices"])
+    per_device = compiled_flops(compiled)
+    seconds_per_step = total_s / a.steps
+    mem = compiled.memory_analysis()
+    rec = dict(implementation="wurst_jax", benchmark=BENCHMARK, device=dev.device_kind, platform=dev.platform)
+    rec.update(n_devices=n, sharding=b["sharding"], config=a.config, stage_c=dataclasses.asdict(b["cfg"]))
+    rec.update(batch=a.batch, resolution=a.res, latent_shape=list(b["batch_shapes"]["latents"].shape))
+    rec.update(text_shape=list(b["batch_shapes"]["clip"].shape), dtype="bf16 compute, f32 params")
+    rec.update(steps=a.steps, warmup=a.warmup, samples_per_s=a.batch / seconds_per_step)
+    rec.update(seconds_per_step=seconds_per_step, compile_s=compile_s, flops_per_device_step=per_device)
+    rec.update(flops_per_step=per_device and per_device * n, flops_per_sample=per_device and per_device * n / a.batch)
+    for key, table in (("mfu", gb.SPEC_PEAK), ("mfu_vs_measured_peak", gb.MEASURED_PEAK)):
+        peak = gb.device_peak(dev.device_kind, table, a.peak_tflops)
+        rec[key] = per_device / seconds_per_step / peak if per_device and peak else None
+        rec["peak_flops" if key == "mfu" else "measured_peak_flops"] = peak
+    rec.update(peak_mem_bytes=peak_memory(b["devices"]), xla_temp_bytes=getattr(mem, "temp_size_in_bytes", None))
+    rec.update(xla_argument_bytes=getattr(mem, "argument_size_in_bytes", None))
+    rec.update(params=sum(x.size for x in jax.tree_util.tree_leaves(b["abstract"].params)))
+    rec.update(
+        state_bytes=tree_bytes(b["abstract"]), state_bytes_per_device=per_device_bytes(b["abstract"], b["state_sh"])
+    )
+    rec.update(final_step=int(state.step), final_loss=float(metrics["loss"]))
+    rec.update(loss_finite=bool(np.isfinite(rec["final_loss"])), optimizer=dict(lr=LR, warmup=WARMUP_SCHEDULE))
+    rec["optimizer"].update(ema_decay=EMA_DECAY, clip_norm=1.0, weight_decay=0.01)
+    return rec
+
+
+def versions() -> dict:
+    out = {"python": sys.version.split()[0]}
+    for name in ("jax", "jaxlib", "flax", "optax"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _bytes(x) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x / 2**30:.2f} GiB" if x >= 2**30 else f"{x / 2**20:.1f} MiB"
+
+
+def markdown(rec: dict, argv: list[str]) -> str:
+    head = f"## Train step, Stage C · {rec['date']} · {rec['device']} × {rec['n_devices']} · config `{rec['config']}`"
+    vers = " · ".join(f"{k} {v}" for k, v in rec["versions"].items()) + f" · {os.cpu_count()} host CPUs"
+    mfu = "–" if rec["mfu"] is None else f"{rec['mfu']:.1%} / {rec['mfu_vs_measured_peak']:.1%}"
+    gflop = "–" if rec["flops_per_step"] is None else f"{rec['flops_per_step'] / 1e9:,.1f}"
+    cols = ["config", "sharding", "devices", "batch", "latents", "s/step", "samples/s", "MFU (spec / measured peak)"]
+    cols += ["GFLOP/step", "compile s", "peak mem", "state/device", "params"]
+    cells = [
+        rec["config"],
+        rec["sharding"] or "none",
+        rec["n_devices"],
+        rec["batch"],
+        "×".join(map(str, rec["latent_shape"])),
+    ]
+    cells += [f"{rec['seconds_per_step']:.4f}", f"{rec['samples_per_s']:.2f}", mfu, gflop, f"{rec['compile_s']:.1f}"]
+    cells += [_bytes(rec["peak_mem_bytes"]), _bytes(rec["state_bytes_per_device"]), f"{rec['params']:,}"]
+    return "\n".join([
+        head, "", vers, "", f"Command: `python benchmarks/train_benchmark.py {shlex.join(argv)}`", "",
+        "| " + " | ".join(cols) + " |", "|---" * len(cols) + "|", "| " + " | ".join(map(str, cells)) + " |", "",
+        f"- {rec['steps']} timed steps after {rec['warmup']} warm-up steps, blocked on the last; text states "
+        f"{'×'.join(map(str, rec['text_shape']))}; bf16 compute, f32 params; AdamW + warm-up + clip, EMA; "
+        f"loss after the last step {rec['final_loss']:.4g}.",
+        "- GFLOP/step: XLA cost analysis of the compiled step (per device × devices); MFU: per-device FLOPs / step "
+        "time / dense bf16 peak. peak mem: the device allocator's peak (n/a on the CPU).",
+        "",
+    ])  # fmt: skip
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", choices=list(DEFAULTS), default="v2")
+    ap.add_argument("--batch", type=int, default=None, help="global batch per step (default: 8)")
+    ap.add_argument("--res", type=int, default=None, help="image side in pixels (default: v2 1024, small 256)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps after the compile")
+    ap.add_argument("--sharding", choices=["dp", "fsdp"], default="fsdp", help="with more than one device")
+    ap.add_argument("--devices", type=int, default=None, help="use the first N devices (default: all)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default: by device name)")
+    ap.add_argument("--dry-run", action="store_true", help="shapes only: params and state bytes, no compile")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not append to the results files")
+    ap.add_argument("--out-dir", default=str(gb.ROOT / "benchmarks"))
+    a = ap.parse_args(argv)
+    a.batch = a.batch or DEFAULTS[a.config]["batch"]
+    a.res = a.res or DEFAULTS[a.config]["res"]
+    if a.steps < 1 or a.warmup < 0 or a.batch < 1:
+        ap.error("--steps and --batch must be positive, --warmup non-negative")
+    return a
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = parse_args(argv)
+    if a.dry_run:
+        rec = dry_run(a)
+        print(
+            f"Stage C `{a.config}`: {rec['params']:,} params; train state (params, Adam μ/ν, EMA) "
+            f"{_bytes(rec['state_bytes'])}, {_bytes(rec['state_bytes_per_device'])} per device on "
+            f"{rec['n_devices']} device(s) (sharding {rec['sharding'] or 'none'}); latents {rec['latent_shape']}, "
+            f"text {rec['text_shape']}"
+        )
+        return rec
+    rec = benchmark(a)
+    rec.update(date=gb.utc_now(), versions=versions(), command=shlex.join(argv))
+    text = markdown(rec, argv)
+    print(text)
+    if not a.no_write:
+        out = Path(a.out_dir)
+        gb.append_results_md(out, text)
+        with (out / "results.jsonl").open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+    return rec
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""The train-step benchmark script at its small config on CPU: one device and an 8-device FSDP mesh give the
+documented record (and the same loss), and the full-size v2 train state checks out through `jax.eval_shape`.
+Times are only checked for being finite and positive, never for speed."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import train_benchmark as tb  # noqa: E402
+
+from wurst_jax.models import WuerstchenPrior, param_count  # noqa: E402
+
+SMALL = ("--config", "small", "--steps", "2", "--warmup", "1")
+
+
+def check_record(rec: dict, n_devices: int) -> None:
+    assert set(tb.KEYS) <= rec.keys()
+    assert rec["implementation"] == "wurst_jax" and rec["benchmark"] == "train_step_stage_c"
+    assert rec["config"] == "small" and rec["batch"] == 8 and rec["n_devices"] == n_devices
+    assert rec["latent_shape"] == [8, 6, 6, 16] and rec["text_shape"] == [8, 77, 64]
+    assert math.isfinite(rec["samples_per_s"]) and rec["samples_per_s"] > 0
+    assert rec["seconds_per_step"] > 0 and rec["compile_s"] > 0
+    assert rec["flops_per_step"] > 0 and rec["flops_per_device_step"] > 0
+    assert rec["mfu"] is None and rec["peak_mem_bytes"] is None  # no known peak, no allocator stats on a CPU
+    assert rec["params"] == param_count(WuerstchenPrior(tb.stage_c_config("small")))
+    assert rec["final_step"] == 3 and rec["loss_finite"]
+    assert set(rec["versions"]) >= {"jax", "flax", "optax"}
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    rec = tb.main([*SMALL, "--devices", "1", "--no-write", "--out-dir", str(out)])
+    assert list(out.iterdir()) == []  # --no-write: nothing written
+    return rec
+
+
+def test_small_one_device(one_device):
+    check_record(one_device, 1)
+    assert one_device["sharding"] is None
+    assert one_device["state_bytes_per_device"] == one_device["state_bytes"]
+
+
+def test_small_fsdp_on_8_devices(one_device, tmp_path):
+    rec = tb.main([*SMALL, "--sharding", "fsdp", "--out-dir", str(tmp_path)])
+    check_record(rec, 8)
+    assert rec["sharding"] == "fsdp"
+    assert rec["state_bytes_per_device"] < rec["state_bytes"] / 4  # params, moments and EMA split
+    assert rec["flops_per_device_step"] < rec["flops_per_step"]
+    assert rec["final_loss"] == pytest.approx(one_device["final_loss"], rel=1e-3)  # sharded == unsharded
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["benchmark"] == "train_step_stage_c" and rows[0]["sharding"] == "fsdp"
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "## Train step, Stage C · " in md and "| small | fsdp | 8 | 8 | 8×6×6×16 |" in md
+
+
+def test_v2_state_through_eval_shape():
+    """Full size, shapes only: the released prior's parameter count and an FSDP-split train state."""
+    rec = tb.main(["--config", "v2", "--dry-run", "--sharding", "fsdp"])
+    assert rec["params"] == 993_636_896
+    assert rec["latent_shape"] == [8, 24, 24, 16] and rec["text_shape"] == [8, 77, 1280]
+    assert 4 * 4 * rec["params"] <= rec["state_bytes"] < 4 * 4 * rec["params"] + 2**20  # f32 params, μ, ν, EMA
+    assert rec["n_devices"] == 8 and rec["state_bytes_per_device"] < rec["state_bytes"] / 7
