@@ -1,7 +1,7 @@
 """A small semantic encoder: the role EfficientNet plays for Würstchen, trained jointly with Stage B (as v1 did).
 
-images [B, H, W, 3] in [0, 1] → semantic latents [B, H/16, W/16, c_out], standardised over channels so the
-prior's target has unit scale.
+images [B, H, W, 3] in [0, 1] → semantic latents [B, H/2^n, W/2^n, c_out] (n = len(widths)), standardised
+over channels so the prior's target has unit scale.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ Order: Stage A (VQGAN, reconstruction; optionally "a-decoder": more decoder trai
 unquantised latents, which leaves the latent space Stage B learns unchanged) → Stage B with the semantic
 encoder and the decoder's text encoder (ε-loss on Stage A latents, the encoder learning what Stage B needs) →
 Stage C with the prior's text encoder (ε-loss on the frozen semantic encoder's latents). 64×64 images:
-Stage A latents 16×16×4, semantic latents 4×4×16 (pipeline `resolution_multiple` 16, `latent_dim_scale` 4).
+Stage A latents 16×16×4, semantic latents 8×8×16 (pipeline `resolution_multiple` 8, `latent_dim_scale` 2):
+at 4×4 the semantic latents held too little of an object's outline for Stage B to redraw its shape.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class TinyConfig:
     stage_a: StageAConfig = StageAConfig(bottleneck_blocks=2, embed_dim=64, num_vq_embeddings=256)
     stage_b: StageBConfig = StageBConfig(
         c_r=64,
+        patch_size=1,  # 2 left 8 × 8 tokens for 64² images: too coarse to redraw a triangle's corners
         c_cond=64,
         c_hidden=(32, 64, 128),
         nhead=(-1, 4, 4),
@@ -58,8 +60,18 @@ class TinyConfig:
     text: CLIPTextConfig = CLIPTextConfig(
         hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4
     )
-    resolution_multiple: float = 16.0
-    latent_dim_scale: float = 4.0
+    semantic_widths: tuple[int, ...] = (32, 64, 128)  # one stride-2 stage each: 8× smaller than the image
+    resolution_multiple: float = 8.0  # = 2 ** len(semantic_widths)
+    latent_dim_scale: float = 2.0  # Stage A latents (size / 4) over semantic latents
+
+    def __post_init__(self):
+        if self.resolution_multiple != 2 ** len(self.semantic_widths) or self.latent_dim_scale * 4 != (
+            self.resolution_multiple
+        ):
+            raise ValueError(
+                f"resolution_multiple must be 2 ** len(semantic_widths) = {2 ** len(self.semantic_widths)} and "
+                f"latent_dim_scale resolution_multiple / 4; got {self.resolution_multiple}, {self.latent_dim_scale}"
+            )
 
 
 _DECODER = ("up_blocks", "out_block")  # Stage A's decoder half; "a-decoder" refines it on frozen encoder latents
@@ -88,7 +100,7 @@ def modules(cfg: TinyConfig, dtype: Any = jnp.float32) -> dict[str, nn.Module]:
         "decoder": WuerstchenDiffNeXt(cfg.stage_b, **kw),
         "prior": WuerstchenPrior(cfg.stage_c, **kw),
         "text": CLIPTextModel(cfg.text, **kw),
-        "semantic": SemanticEncoder(cfg.stage_b.effnet_embd, **kw),
+        "semantic": SemanticEncoder(cfg.stage_b.effnet_embd, cfg.semantic_widths, **kw),
     }
 
 
@@ -98,7 +110,7 @@ def _init(module: nn.Module, seed: int, *shapes: tuple) -> Any:
 
 
 def init_variables(cfg: TinyConfig, mods: dict[str, nn.Module], seed: int = 0) -> dict[str, Any]:
-    s, h, t = cfg.size, cfg.size // 16, cfg.text.hidden_size
+    s, h, t = cfg.size, int(cfg.size // cfg.resolution_multiple), cfg.text.hidden_size
     return {
         "vqgan": _init(mods["vqgan"], seed, (1, s, s, 3)),
         "decoder": _init(mods["decoder"], seed + 1, (1, s // 4, s // 4, 4), (1,), (1, h, h, 16), (1, 77, t)),
