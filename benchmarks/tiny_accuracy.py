@@ -22,14 +22,15 @@ from wurst_jax.train.checker import score
 from wurst_jax.train.data import Scene, heldout_combinations, train_combinations
 
 
-def evaluate(pipe, combos, per, seed, size):
+def evaluate(pipe, combos, per, seed, size, prior_guidance=4.0, decoder_guidance=0.0):
     prompts = [Scene(c, s, b).captions()[0] for c, s, b in combos]
     images = pipe(
         prompts,
         height=size,
         width=size,
         prior_timesteps=wj.DEFAULT_STAGE_C_TIMESTEPS,
-        prior_guidance_scale=4.0,
+        prior_guidance_scale=prior_guidance,
+        decoder_guidance_scale=decoder_guidance,
         num_inference_steps=12,
         num_images_per_prompt=per,
         seed=seed,
@@ -46,14 +47,17 @@ def main():
     ap.add_argument("--per-combination", type=int, default=8)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--prior-guidance", type=float, default=4.0)
+    ap.add_argument("--decoder-guidance", type=float, default=0.0)
     ap.add_argument("--out-dir", default=str(Path(__file__).parent))
     a = ap.parse_args()
     pipe = wj.WuerstchenPipeline.from_pretrained(a.model, a.prior, progress=False)
     rng = np.random.default_rng(a.seed)
     seen = [train_combinations()[i] for i in rng.choice(len(train_combinations()), 12, replace=False)]
     t0 = time.perf_counter()
-    held, images = evaluate(pipe, heldout_combinations(), a.per_combination, a.seed, a.size)
-    train, _ = evaluate(pipe, seen, a.per_combination, a.seed, a.size)
+    g = (a.prior_guidance, a.decoder_guidance)
+    held, images = evaluate(pipe, heldout_combinations(), a.per_combination, a.seed, a.size, *g)
+    train, _ = evaluate(pipe, seen, a.per_combination, a.seed, a.size, *g)
     secs = time.perf_counter() - t0
     out = Path(a.out_dir)
     np.save(out / "tiny_heldout_samples.npy", (images[:: a.per_combination] * 255).round().astype(np.uint8))
@@ -63,7 +67,8 @@ def main():
     lines = [
         f"\n## Tiny model: held-out prompt accuracy ({datetime.date.today()})\n",
         f"Device {jax.devices()[0].device_kind} ({platform.machine()}), jax {jax.__version__}; model {a.model}; "
-        f"{a.per_combination} images per combination, {a.size}², 29 prior steps (guidance 4), 12 decoder steps; "
+        f"{a.per_combination} images per combination, {a.size}², 29 prior steps (guidance {a.prior_guidance:g}), "
+        f"12 decoder steps (guidance {a.decoder_guidance:g}); "
         f"{secs:.0f} s for both rows. Command: `python benchmarks/tiny_accuracy.py`.\n",
         "| prompts | images | colour | shape | background | all three |",
         "|---|---|---|---|---|---|",

@@ -103,3 +103,13 @@ def test_generate_with_the_shipped_tiny_model(tmp_path):
         pixels = np.asarray(img, np.float32)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     assert border.mean(0)[2] > 150 and border.mean(0)[0] < 100  # a blue background, as asked
+
+
+def test_model_defaults_come_from_model_index(tmp_path):
+    from wurst_jax.cli import TINY_MODEL, _model_defaults
+
+    assert _model_defaults(tmp_path) == (1024, 0.0)  # no model_index.json: v2's size, diffusers' guidance off
+    (tmp_path / "model_index.json").write_text('{"default_size": 128, "default_decoder_guidance": 2.5}')
+    assert _model_defaults(tmp_path) == (128, 2.5)
+    size, guidance = _model_defaults(TINY_MODEL / "wuerstchen")
+    assert size == 64 and guidance >= 0

@@ -36,7 +36,12 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--prior-guidance", type=float, default=4.0, help="prior classifier-free guidance (default 4.0)")
     p.add_argument("--steps", type=int, default=12, help="decoder steps (default 12)")
-    p.add_argument("--decoder-guidance", type=float, default=0.0, help="decoder guidance (default 0: off)")
+    p.add_argument(
+        "--decoder-guidance",
+        type=float,
+        default=None,
+        help="decoder guidance (default: the model's `default_decoder_guidance`, else 0: off, as diffusers)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same images")
     p.add_argument("--dtype", choices=_DTYPES, default="bfloat16", help="compute and weight dtype (default bfloat16)")
     p.add_argument("--offload", action="store_true", help="keep inactive stages in host memory")
@@ -59,13 +64,14 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
 TINY_MODEL = Path(__file__).resolve().parent / "assets" / "tiny"
 
 
-def _default_size(model: Path) -> int:
-    """The size a model was trained at (`default_size` in its model_index.json), else v2's 1024."""
-    index = model / "model_index.json"
+def _model_defaults(model: Path) -> tuple[int, float]:
+    """(size, decoder guidance) a model was trained for: `default_size` and `default_decoder_guidance` in its
+    model_index.json (the tiny model sets both), else v2's 1024 and diffusers' 0."""
     try:
-        return int(json.loads(index.read_text()).get("default_size", 1024))
-    except (OSError, ValueError, AttributeError):
-        return 1024
+        index = json.loads((model / "model_index.json").read_text())
+        return int(index.get("default_size", 1024)), float(index.get("default_decoder_guidance", 0.0))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return 1024, 0.0
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -87,7 +93,7 @@ def generate(args: argparse.Namespace) -> int:
         if args.prior is not None:
             raise ValueError("--prior needs --model")
         args.model, args.prior = str(TINY_MODEL / "wuerstchen"), str(TINY_MODEL / "wuerstchen-prior")
-    size = _default_size(Path(args.model))
+    size, decoder_guidance = _model_defaults(Path(args.model))
     pipe = wj.WuerstchenPipeline.from_pretrained(
         decoder=args.model,
         prior=args.prior,
@@ -105,7 +111,7 @@ def generate(args: argparse.Namespace) -> int:
         prior_timesteps=None if args.prior_steps else DEFAULT_STAGE_C_TIMESTEPS,
         prior_guidance_scale=args.prior_guidance,
         num_inference_steps=args.steps,
-        decoder_guidance_scale=args.decoder_guidance,
+        decoder_guidance_scale=decoder_guidance if args.decoder_guidance is None else args.decoder_guidance,
         negative_prompt=args.negative_prompt,
         num_images_per_prompt=args.num_images,
         seed=args.seed,

@@ -35,7 +35,6 @@ import dataclasses
 import functools
 import json
 import shutil
-import time
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -54,6 +53,7 @@ from wurst_jax.train.state import (
     make_optimizer,
     make_train_step,
     state_shardings,
+    train_loop,
 )
 from wurst_jax.train.tiny import RunConfig
 
@@ -415,32 +415,27 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
         host = host_batch(stage, data.batch(k, run.batch_size, run.seed), tokenizer, latent_mean, latent_std)
         return place(prepare(frozen, place(host)))
 
-    step_fn = None
-    metrics_file = out / "metrics.jsonl"
-    t0, losses = time.perf_counter(), []
-    while int(state.step) < run.steps:
-        batch = model_batch(int(state.step))
-        if step_fn is None:
+    compiled = []  # the step is jitted at the first batch, whose shardings it takes
+
+    def step_fn(state, batch):
+        if not compiled:
             batch_sh = None if mesh is None else jax.tree_util.tree_map(lambda x: x.sharding, batch)
             step = make_train_step(loss_fn(stage, module, run, empty_clip), tx, run.ema_decay)
-            step_fn = jit_train_step(step, state_sh, batch_sh)
-        state, m = step_fn(state, batch)
-        losses.append(float(m["loss"]))
-        k = int(state.step)
-        if k % run.log_every == 0 or k == run.steps:
-            rec = {
-                "stage": stage,
-                "step": k,
-                "loss": float(np.mean(losses)),
-                "grad_norm": float(m["grad_norm"]),
-                "s_per_step": (time.perf_counter() - t0) / len(losses),
-            }
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            log(json.dumps(rec))
-            t0, losses = time.perf_counter(), []
-        if k % run.ckpt_every == 0 or k == run.steps:
-            ckpts.save(state)
+            compiled.append(jit_train_step(step, state_sh, batch_sh))
+        return compiled[0](state, batch)
+
+    state = train_loop(
+        state,
+        step_fn,
+        model_batch,
+        run.steps,
+        stage,
+        ckpts,
+        out / "metrics.jsonl",
+        run.log_every,
+        run.ckpt_every,
+        log,
+    )
 
     trained = {"params": state.ema, **({"batch_stats": state.batch_stats} if stage == "a" else {})}
     write_pipeline(root, out, COMPONENT[stage], module, trained, _DTYPES[cfg.save_dtype])

@@ -34,19 +34,31 @@ def sample_t(rng: jax.Array, n: int, stage: str) -> jax.Array:
     return jnp.clip(t, 0.001, 1.0)
 
 
-def _diffusion_loss(pred: jax.Array, noise: jax.Array, t: jax.Array, config: sched.SchedulerConfig) -> jax.Array:
+def v_weight(t: jax.Array, config: sched.SchedulerConfig, cap: float = 20.0) -> jax.Array:
+    """1 / ᾱ, capped: ε-MSE · (1 + 1/SNR) is the MSE of v = √ᾱ·ε - √(1-ᾱ)·x. Unlike the P2 weight it keeps the
+    high-noise steps, where a small prior decides an image's layout, from counting for almost nothing."""
+    return 1.0 / jnp.maximum(sched.alpha_cumprod(t, config), 1.0 / cap)
+
+
+WEIGHTINGS = {"p2": p2_weight, "v": v_weight}
+
+
+def _diffusion_loss(pred, noise, t, config: sched.SchedulerConfig, weighting: str = "p2") -> jax.Array:
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {sorted(WEIGHTINGS)}, got {weighting!r}")
     per_sample = jnp.mean(jnp.square(pred.astype(jnp.float32) - noise), axis=tuple(range(1, noise.ndim)))
-    return jnp.mean(per_sample * p2_weight(t, config))
+    return jnp.mean(per_sample * WEIGHTINGS[weighting](t, config))
 
 
-def stage_c_loss(module, params, rng, latents, clip, config=_SCHED, train=True) -> jax.Array:
-    """latents [B, h, w, 16] (the prior's target space), clip [B, T, D] text states → weighted ε-MSE."""
+def stage_c_loss(module, params, rng, latents, clip, config=_SCHED, train=True, weighting="p2") -> jax.Array:
+    """latents [B, h, w, 16] (the prior's target space), clip [B, T, D] text states → weighted ε-MSE
+    (`weighting` "p2", the original's, or "v": see `v_weight`)."""
     r_t, r_n, r_d = jax.random.split(rng, 3)
     t = sample_t(r_t, latents.shape[0], "c")
     noise = jax.random.normal(r_n, latents.shape, jnp.float32)
     noised = sched.add_noise(latents.astype(jnp.float32), noise, t, config)
     pred = module.apply({"params": params}, noised, t, clip, deterministic=not train, rngs={"dropout": r_d})
-    return _diffusion_loss(pred, noise, t, config)
+    return _diffusion_loss(pred, noise, t, config, weighting)
 
 
 def stage_b_loss(

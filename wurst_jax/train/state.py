@@ -7,6 +7,8 @@ PRNG key, so a resumed run continues bit for bit.
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import traverse_util
@@ -137,3 +140,40 @@ class Checkpoints:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), like
         )
         return self.manager.restore(step, args=ocp.args.StandardRestore(target))
+
+
+def train_loop(
+    state: TrainState,
+    step_fn: Callable,
+    batch_at: Callable[[int], Any],
+    steps: int,
+    stage: str,
+    ckpts: Checkpoints,
+    metrics_file: str | Path,
+    log_every: int = 50,
+    ckpt_every: int = 500,
+    log: Callable[[str], None] = print,
+) -> TrainState:
+    """Step from `state.step` to `steps`: batch k is `batch_at(k)`; every `log_every` steps the mean loss, the
+    last gradient norm and seconds per step go to `metrics_file` (JSON lines) and `log`; every `ckpt_every`
+    steps, and at the end, the whole state is saved."""
+    t0, losses = time.perf_counter(), []
+    while int(state.step) < steps:
+        state, m = step_fn(state, batch_at(int(state.step)))
+        losses.append(float(m["loss"]))
+        k = int(state.step)
+        if k % log_every == 0 or k == steps:
+            rec = {
+                "stage": stage,
+                "step": k,
+                "loss": float(np.mean(losses)),
+                "grad_norm": float(m["grad_norm"]),
+                "s_per_step": (time.perf_counter() - t0) / len(losses),
+            }
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            log(json.dumps(rec))
+            t0, losses = time.perf_counter(), []
+        if k % ckpt_every == 0 or k == steps:
+            ckpts.save(state)
+    return state

@@ -5,8 +5,7 @@ Order: Stage A (VQGAN, reconstruction; optionally "a-decoder": more decoder trai
 unquantised latents, which leaves the latent space Stage B learns unchanged) → Stage B with the semantic
 encoder and the decoder's text encoder (ε-loss on Stage A latents, the encoder learning what Stage B needs) →
 Stage C with the prior's text encoder (ε-loss on the frozen semantic encoder's latents). 64×64 images:
-Stage A latents 16×16×4, semantic latents 8×8×16 (pipeline `resolution_multiple` 8, `latent_dim_scale` 2):
-at 4×4 the semantic latents held too little of an object's outline for Stage B to redraw its shape.
+Stage A latents 16×16×4, semantic latents 4×4×16 (pipeline `resolution_multiple` 16, `latent_dim_scale` 4).
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,14 @@ from wurst_jax.models import (
 )
 from wurst_jax.train import objectives
 from wurst_jax.train.semantic import SemanticEncoder
-from wurst_jax.train.state import Checkpoints, create_state, jit_train_step, make_optimizer, make_train_step
+from wurst_jax.train.state import (
+    Checkpoints,
+    create_state,
+    jit_train_step,
+    make_optimizer,
+    make_train_step,
+    train_loop,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +65,9 @@ class TinyConfig:
     text: CLIPTextConfig = CLIPTextConfig(
         hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4
     )
-    semantic_widths: tuple[int, ...] = (32, 64, 128)  # one stride-2 stage each: 8× smaller than the image
-    resolution_multiple: float = 8.0  # = 2 ** len(semantic_widths)
-    latent_dim_scale: float = 2.0  # Stage A latents (size / 4) over semantic latents
+    semantic_widths: tuple[int, ...] = (32, 64, 96, 128)  # one stride-2 stage each: 16× smaller than the image
+    resolution_multiple: float = 16.0  # = 2 ** len(semantic_widths)
+    latent_dim_scale: float = 4.0  # Stage A latents (size / 4) over semantic latents
 
     def __post_init__(self):
         if self.resolution_multiple != 2 ** len(self.semantic_widths) or self.latent_dim_scale * 4 != (
@@ -87,6 +92,7 @@ class RunConfig:
     warmup_steps: int = 100
     ema_decay: float = 0.999
     cond_dropout: float = 0.1
+    loss_weighting: str = "p2"  # Stage C: "p2" (the original's) or "v" (see objectives.v_weight)
     seed: int = 0
     log_every: int = 50
     ckpt_every: int = 500
@@ -177,7 +183,9 @@ def stage_loss(stage: str, cfg: TinyConfig, mods: dict, frozen: dict, run: RunCo
             r_drop, rng = jax.random.split(rng)
             keep = jax.random.uniform(r_drop, (clip.shape[0], 1, 1)) >= run.cond_dropout
             clip = jnp.where(keep, clip, jnp.broadcast_to(empty_clip, clip.shape))
-            return objectives.stage_c_loss(mods["prior"], params["prior"], rng, jax.lax.stop_gradient(target), clip), {}
+            return objectives.stage_c_loss(
+                mods["prior"], params["prior"], rng, jax.lax.stop_gradient(target), clip, weighting=run.loss_weighting
+            ), {}
 
     elif stage == "a-decoder":
         encoder = {k: v for k, v in frozen["vqgan"]["params"].items() if not k.startswith(_DECODER)}
@@ -244,26 +252,18 @@ def train_stage(
     empty = _tokens(tokenizer, [""])
     step_fn = jit_train_step(make_train_step(stage_loss(stage, cfg, mods, frozen, run, empty), tx, run.ema_decay))
     data = _host_batches(tokenizer, cfg.size, run.batch_size, run.seed, int(state.step))
-    metrics_file = Path(out_dir) / "metrics.jsonl"
-    t0, losses = time.perf_counter(), []
-    while int(state.step) < run.steps:
-        state, m = step_fn(state, next(data))
-        losses.append(float(m["loss"]))
-        step = int(state.step)
-        if step % run.log_every == 0 or step == run.steps:
-            rec = {
-                "stage": stage,
-                "step": step,
-                "loss": float(np.mean(losses)),
-                "grad_norm": float(m["grad_norm"]),
-                "s_per_step": (time.perf_counter() - t0) / len(losses),
-            }
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            log(json.dumps(rec))
-            t0, losses = time.perf_counter(), []
-        if step % run.ckpt_every == 0 or step == run.steps:
-            ckpts.save(state)
+    state = train_loop(
+        state,
+        step_fn,
+        lambda k: next(data),
+        run.steps,
+        stage,
+        ckpts,
+        Path(out_dir) / "metrics.jsonl",
+        run.log_every,
+        run.ckpt_every,
+        log,
+    )
     return absorb(stage, variables, state.ema, state.batch_stats)
 
 
