@@ -50,7 +50,6 @@ class TinyConfig:
     stage_a: StageAConfig = StageAConfig(bottleneck_blocks=2, embed_dim=64, num_vq_embeddings=256)
     stage_b: StageBConfig = StageBConfig(
         c_r=64,
-        patch_size=1,  # 2 left 8 × 8 tokens for 64² images: too coarse to redraw a triangle's corners
         c_cond=64,
         c_hidden=(32, 64, 128),
         nhead=(-1, 4, 4),
@@ -68,6 +67,7 @@ class TinyConfig:
     semantic_widths: tuple[int, ...] = (32, 64, 96, 128)  # one stride-2 stage each: 16× smaller than the image
     resolution_multiple: float = 16.0  # = 2 ** len(semantic_widths)
     latent_dim_scale: float = 4.0  # Stage A latents (size / 4) over semantic latents
+    decoder_guidance: float = 0.0  # written to the export's model_index.json as `wurst-jax generate`'s default
 
     def __post_init__(self):
         if self.resolution_multiple != 2 ** len(self.semantic_widths) or self.latent_dim_scale * 4 != (
@@ -294,6 +294,9 @@ def export(cfg: TinyConfig, variables: dict, tokenizer_dir: str | Path, out: str
     ):
         (folder / "scheduler").mkdir(parents=True, exist_ok=True)
         (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-        (folder / "model_index.json").write_text(json.dumps({**index, "default_size": cfg.size}, indent=2))
+        defaults = {"default_size": cfg.size}
+        if folder == dec:
+            defaults["default_decoder_guidance"] = cfg.decoder_guidance
+        (folder / "model_index.json").write_text(json.dumps({**index, **defaults}, indent=2))
         shutil.copytree(tokenizer_dir, folder / "tokenizer", dirs_exist_ok=True)
     return dec, pri
