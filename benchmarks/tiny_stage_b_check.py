@@ -1,0 +1,80 @@
+"""Where a tiny model loses shapes: Stage A alone, and Stage B redrawing held-out scenes from their true semantic
+latents (no prior involved). Needs a training run folder (`out` of a tiny config: `variables`, `ckpt_b`), since the
+semantic encoder is not part of the exported pipeline.
+
+Usage: python benchmarks/tiny_stage_b_check.py --run runs/tiny [--semantic-widths 32,64,96,128] [--patch-size 2]
+Scores (wurst_jax.train.checker) over `--n` single-object held-out scenes; Stage B 12 steps at decoder guidance
+0 / 2 / 4 with the same noise; Stage B weights: the EMA of the newest `ckpt_b` checkpoint.
+"""
+
+import argparse
+import dataclasses
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from transformers import AutoTokenizer
+
+from wurst_jax import sampling
+from wurst_jax import scheduler as sched
+from wurst_jax.train.checker import score
+from wurst_jax.train.cli import ASSETS
+from wurst_jax.train.data import render, sample_scenes
+from wurst_jax.train.state import Checkpoints, create_state, make_optimizer
+from wurst_jax.train.tiny import TinyConfig, absorb, init_variables, modules, trainable
+from wurst_jax.weights.orbax_io import restore_variables
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", required=True, help="tiny training run folder (holds variables/ and ckpt_b/)")
+    ap.add_argument("--semantic-widths", default="32,64,96,128")
+    ap.add_argument("--patch-size", type=int, default=2)
+    ap.add_argument("--n", type=int, default=64)
+    a = ap.parse_args()
+    widths = tuple(int(w) for w in a.semantic_widths.split(","))
+    cfg = TinyConfig(
+        stage_b=dataclasses.replace(TinyConfig().stage_b, patch_size=a.patch_size),
+        semantic_widths=widths,
+        resolution_multiple=float(2 ** len(widths)),
+        latent_dim_scale=2 ** len(widths) / 4,
+    )
+    mods, run = modules(cfg), Path(a.run)
+    v = restore_variables(run / "variables", jax.eval_shape(lambda: init_variables(cfg, mods)))
+    params, _ = trainable("b", v)
+    like = jax.eval_shape(lambda: create_state(params, make_optimizer(1e-3), 0, {}))
+    state = Checkpoints(run / "ckpt_b").restore(like)
+    v = absorb("b", v, state.ema, None)
+
+    scenes = [s for s in sample_scenes(7, 400, "heldout") if s.count == 1][: a.n]  # 400 draws: ≈ 240 single
+    images = np.stack([render(s, cfg.size) for s in scenes]).astype(np.float32) / 255
+    vq = mods["vqgan"]
+    rec = np.clip(
+        np.asarray(vq.apply(v["vqgan"], vq.apply(v["vqgan"], images, method="encode"), method="decode")), 0, 1
+    )
+    print(f"Stage A encode → decode: {score(rec, scenes)}")
+
+    tok = AutoTokenizer.from_pretrained(str(ASSETS / "tokenizer"))
+    enc = lambda caps: tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="np")
+    ids, empty = enc([s.captions()[0] for s in scenes]), enc([""])
+    clip = mods["text"].apply(v["text_decoder"], ids.input_ids, ids.attention_mask)
+    empty_clip = mods["text"].apply(v["text_decoder"], empty.input_ids, empty.attention_mask)
+    semantic = mods["semantic"].apply(v["semantic"], images)
+    n, side = len(scenes), cfg.size // 4
+    k1, k2 = jax.random.split(jax.random.key(0))
+    latents, noise = jax.random.normal(k1, (n, side, side, 4)), jax.random.normal(k2, (12, n, side, side, 4))
+    for g in (0.0, 2.0, 4.0):
+        cfg_on = g > 1
+        c = jnp.concatenate([clip, jnp.broadcast_to(empty_clip, clip.shape)]) if cfg_on else clip
+        loop = jax.jit(partial(sampling.decoder_loop, mods["decoder"], config=sched.SchedulerConfig(), use_cfg=cfg_on))
+        z = loop(v["decoder"], latents, jnp.asarray(sched.timesteps(12)), noise, semantic, c, jnp.float32(g))
+        out = np.asarray(sampling.decode_images(vq, v["vqgan"], z))
+        print(
+            f"Stage B from true semantic latents, decoder guidance {g:g} (step {int(state.step)}): {score(out, scenes)}"
+        )
+
+
+if __name__ == "__main__":
+    main()
