@@ -55,7 +55,7 @@ from wurst_jax.train.state import (
     state_shardings,
     train_loop,
 )
-from wurst_jax.train.tiny import RunConfig
+from wurst_jax.train.tiny import RunConfig, caption_tokens
 
 STAGES = ("a", "b", "c")
 COMPONENT = {"c": "prior", "b": "decoder", "a": "vqgan"}  # the folder each stage trains
@@ -253,12 +253,6 @@ class Shards:
 # ---------------------------------------------------------------- models and losses
 
 
-def _tokens(tokenizer, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    n = tokenizer.model_max_length
-    enc = tokenizer(list(captions), padding="max_length", max_length=n, truncation=True, return_tensors="np")
-    return enc.input_ids.astype(np.int32), enc.attention_mask.astype(np.int32)
-
-
 def load_parts(cfg: FinetuneConfig, root: Path, mesh: Any) -> dict[str, Any]:
     """{part: (module, variables)} (tokenizer: the tokenizer); the trained part with f32 master weights."""
     from transformers import AutoTokenizer
@@ -280,7 +274,7 @@ def host_batch(stage: str, raw: dict, tokenizer: Any, latent_mean: float, latent
     """Shard rows (`Shards.batch`) → the host arrays `prepare` takes."""
     if stage == "a":
         return {"images": raw["images"]}
-    ids, mask = _tokens(tokenizer, raw["captions"])
+    ids, mask = caption_tokens(tokenizer, raw["captions"])
     if stage == "c":  # back to the prior's own space, as diffusers' script: (x + std) / mean
         return {"ids": ids, "mask": mask, "latents": (raw["image_embeddings"] + latent_std) / latent_mean}
     return {"ids": ids, "mask": mask, "images": raw["images"], "image_embeddings": raw["image_embeddings"]}
@@ -318,11 +312,10 @@ def loss_fn(stage: str, module: Any, run: RunConfig, empty_clip: np.ndarray | No
         return loss
 
     def loss(params, stats, rng, batch):
-        clip = batch["clip"]
         r_drop, rng = jax.random.split(rng)
-        keep = jax.random.uniform(r_drop, (clip.shape[0], 1, 1)) >= run.cond_dropout
-        clip = jnp.where(keep, clip, jnp.broadcast_to(empty_clip, clip.shape).astype(clip.dtype))
-        return objectives.stage_c_loss(module, params, rng, batch["latents"], clip), {}
+        clip = objectives.drop_text(r_drop, batch["clip"], empty_clip, run.cond_dropout)
+        latents = batch["latents"]
+        return objectives.stage_c_loss(module, params, rng, latents, clip, weighting=run.loss_weighting), {}
 
     return loss
 
@@ -386,7 +379,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
     empty_clip = None
     if tokenizer is not None:
         text, text_vars = parts["text_encoder"]
-        empty_clip = np.asarray(jax.jit(text.apply)(text_vars, *_tokens(tokenizer, [""])), np.float32)
+        empty_clip = np.asarray(jax.jit(text.apply)(text_vars, *caption_tokens(tokenizer, [""])), np.float32)
 
     tx = make_optimizer(run.lr, run.warmup_steps)
     params, stats = variables["params"], variables.get("batch_stats", {})

@@ -50,6 +50,13 @@ def _diffusion_loss(pred, noise, t, config: sched.SchedulerConfig, weighting: st
     return jnp.mean(per_sample * WEIGHTINGS[weighting](t, config))
 
 
+def drop_text(rng: jax.Array, clip: jax.Array, empty_clip: jax.Array, p: float) -> jax.Array:
+    """Classifier-free-guidance dropout for Stage C: each sample's text states [B, T, D] become the empty
+    prompt's [1, T, D] with probability `p`."""
+    keep = jax.random.uniform(rng, (clip.shape[0], 1, 1)) >= p
+    return jnp.where(keep, clip, jnp.broadcast_to(empty_clip, clip.shape).astype(clip.dtype))
+
+
 def stage_c_loss(module, params, rng, latents, clip, config=_SCHED, train=True, weighting="p2") -> jax.Array:
     """latents [B, h, w, 16] (the prior's target space), clip [B, T, D] text states → weighted ε-MSE
     (`weighting` "p2", the original's, or "v": see `v_weight`)."""

@@ -127,8 +127,9 @@ def init_variables(cfg: TinyConfig, mods: dict[str, nn.Module], seed: int = 0) -
     }
 
 
-def _tokens(tokenizer, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    enc = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="np")
+def caption_tokens(tokenizer, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    n = tokenizer.model_max_length  # 77 for CLIP
+    enc = tokenizer(list(captions), padding="max_length", max_length=n, truncation=True, return_tensors="np")
     return enc.input_ids.astype(np.int32), enc.attention_mask.astype(np.int32)
 
 
@@ -139,7 +140,7 @@ def _host_batches(tokenizer, size: int, batch_size: int, seed: int, start: int) 
     step = start
     while True:
         b = next(batches(seed * 1_000_003 + step, batch_size, size=size, split="train"))
-        ids, mask = _tokens(tokenizer, b["captions"])
+        ids, mask = caption_tokens(tokenizer, b["captions"])
         yield {"images": b["images"].astype(np.float32), "ids": ids, "mask": mask}
         step += 1
 
@@ -181,8 +182,7 @@ def stage_loss(stage: str, cfg: TinyConfig, mods: dict, frozen: dict, run: RunCo
             clip = text.apply({"params": params["text"]}, batch["ids"], batch["mask"])
             empty_clip = text.apply({"params": params["text"]}, empty_ids, empty_mask)
             r_drop, rng = jax.random.split(rng)
-            keep = jax.random.uniform(r_drop, (clip.shape[0], 1, 1)) >= run.cond_dropout
-            clip = jnp.where(keep, clip, jnp.broadcast_to(empty_clip, clip.shape))
+            clip = objectives.drop_text(r_drop, clip, empty_clip, run.cond_dropout)
             return objectives.stage_c_loss(
                 mods["prior"], params["prior"], rng, jax.lax.stop_gradient(target), clip, weighting=run.loss_weighting
             ), {}
@@ -249,7 +249,7 @@ def train_stage(
         state = ckpts.restore(state)
         log(f"stage {stage}: resumed at step {int(state.step)}")
     frozen = {"vqgan": variables["vqgan"], "semantic": variables["semantic"]}
-    empty = _tokens(tokenizer, [""])
+    empty = caption_tokens(tokenizer, [""])
     step_fn = jit_train_step(make_train_step(stage_loss(stage, cfg, mods, frozen, run, empty), tx, run.ema_decay))
     data = _host_batches(tokenizer, cfg.size, run.batch_size, run.seed, int(state.step))
     state = train_loop(
