@@ -16,7 +16,16 @@ from wurst_jax.train.state import (
     make_train_step,
     state_shardings,
 )
-from wurst_jax.train.tiny import RunConfig, TinyConfig, init_variables, modules, stage_loss, trainable
+from wurst_jax.train.tiny import (
+    RunConfig,
+    TinyConfig,
+    _Batches,
+    init_variables,
+    modules,
+    stage_loss,
+    tiny_config,
+    trainable,
+)
 
 TINY = TinyConfig(
     size=32,
@@ -112,3 +121,31 @@ def test_sharded_train_step_equals_unsharded(tiny, mode):
         if "prior" in jax.tree_util.keystr(path) and "blocks_0']['channelwise_0']['kernel" in jax.tree_util.keystr(path)
     ]
     assert len(moments) == 2 and all(m.sharding.spec == leaf.sharding.spec for m in moments)
+
+
+def test_tiny_config_from_a_model_section():
+    cfg = tiny_config({"semantic_widths": [32, 64, 128], "stage_b": {"patch_size": 1}, "stage_c": {"c": 64}}, 32)
+    assert (cfg.size, cfg.semantic_widths, cfg.resolution_multiple, cfg.latent_dim_scale) == (32, (32, 64, 128), 8, 2)
+    assert (cfg.stage_b.patch_size, cfg.stage_c.c, cfg.stage_c.depth) == (1, 64, TinyConfig().stage_c.depth)
+    assert tiny_config() == TinyConfig()
+    with pytest.raises(ValueError, match="'model.text': unknown keys"):
+        tiny_config({"text": {"layers": 3}})
+
+
+def test_prefetching_workers_make_the_same_batches():
+    from transformers import AutoTokenizer
+
+    from wurst_jax.train.cli import ASSETS
+    from wurst_jax.train.data import batches
+
+    tok = AutoTokenizer.from_pretrained(str(ASSETS / "tokenizer"))
+    here, pool = _Batches(tok, 32, 4, seed=3), _Batches(tok, 32, 4, seed=3, workers=2)
+    try:
+        for k in (5, 6, 9):  # a resumed run starts anywhere
+            a, b = here(k), pool(k)
+            for key in ("images", "ids", "mask"):
+                np.testing.assert_array_equal(a[key], b[key])
+            assert a["images"].dtype == np.float32
+            np.testing.assert_array_equal(a["images"], next(batches(3 * 1_000_003 + k, 4, size=32))["images"])
+    finally:
+        pool.close()

@@ -15,9 +15,10 @@ def test_train_resume_export_generate(tmp_path, capsys):
         "batch_size": 2,
         "log_every": 1,
         "ckpt_every": 1,
+        "model": {"semantic_widths": [16, 16, 16], "stage_b": {"patch_size": 1}, "stage_c": {"depth": 1}},
         "a": {"steps": 2},
         "b": {"steps": 1},
-        "c": {"steps": 1},
+        "c": {"steps": 1, "data_workers": 1},
     }
     config.write_text(json.dumps(run))
     for stage in "abc":
@@ -49,6 +50,10 @@ def test_train_resume_export_generate(tmp_path, capsys):
     assert main(args) == 0
     with Image.open(out) as img:
         assert img.size == (64, 64)  # the model's own size, from its model_index.json
+    index = json.loads((export / "wuerstchen-prior" / "model_index.json").read_text())
+    assert index["resolution_multiple"] == 8.0  # three stride-2 stages in the semantic encoder
+    prior = json.loads((export / "wuerstchen-prior" / "prior" / "config.json").read_text())
+    assert prior["depth"] == 1
 
 
 def test_train_config_errors(tmp_path, capsys):
@@ -59,3 +64,14 @@ def test_train_config_errors(tmp_path, capsys):
     config.write_text(json.dumps({"out": str(tmp_path / "r"), "a": {"stepz": 3}}))
     assert main(["train", "--stage", "a", "--config", str(config)]) == 2
     assert "unknown keys ['stepz']" in capsys.readouterr().err
+
+
+def test_train_model_section_errors(tmp_path, capsys):
+    config = tmp_path / "run.json"
+    for model, message in [
+        ({"stage_c": {"width": 3}}, "'model.stage_c': unknown keys ['width']"),
+        ({"semantic_width": [8]}, "'model': unknown keys ['semantic_width']"),
+    ]:
+        config.write_text(json.dumps({"out": str(tmp_path / "r"), "model": model}))
+        assert main(["train", "--stage", "a", "--config", str(config)]) == 2
+        assert message in capsys.readouterr().err

@@ -62,7 +62,7 @@ def run_train(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from wurst_jax.train.finetune import is_finetune
-    from wurst_jax.train.tiny import TinyConfig, export, init_variables, modules, train_stage
+    from wurst_jax.train.tiny import export, init_variables, modules, tiny_config, train_stage
     from wurst_jax.weights.orbax_io import restore_variables, save_variables
 
     raw = json.loads(Path(args.config).read_text())
@@ -72,7 +72,7 @@ def run_train(args: argparse.Namespace) -> int:
         return _run_finetune(args, raw)
     out = Path(raw["out"])
     out.mkdir(parents=True, exist_ok=True)
-    cfg = TinyConfig(size=raw.get("size", 64))
+    cfg = tiny_config(raw.get("model"), raw.get("size", 64))
     saved = out / "variables"
     fresh = init_variables(cfg, modules(cfg), raw.get("seed", 0))
     variables = restore_variables(saved, jax.eval_shape(lambda: fresh)) if saved.exists() else fresh

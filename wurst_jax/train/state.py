@@ -156,17 +156,18 @@ def train_loop(
 ) -> TrainState:
     """Step from `state.step` to `steps`: batch k is `batch_at(k)`; every `log_every` steps the mean loss, the
     last gradient norm and seconds per step go to `metrics_file` (JSON lines) and `log`; every `ckpt_every`
-    steps, and at the end, the whole state is saved."""
-    t0, losses = time.perf_counter(), []
-    while int(state.step) < steps:
-        state, m = step_fn(state, batch_at(int(state.step)))
-        losses.append(float(m["loss"]))
-        k = int(state.step)
+    steps, and at the end, the whole state is saved. The host reads the metrics back only when it logs, so it
+    prepares the next batch while the device runs the step."""
+    t0, losses, k = time.perf_counter(), [], int(state.step)
+    while k < steps:
+        state, m = step_fn(state, batch_at(k))
+        losses.append(m["loss"])
+        k += 1
         if k % log_every == 0 or k == steps:
             rec = {
                 "stage": stage,
                 "step": k,
-                "loss": float(np.mean(losses)),
+                "loss": float(np.mean(jax.device_get(losses))),
                 "grad_norm": float(m["grad_norm"]),
                 "s_per_step": (time.perf_counter() - t0) / len(losses),
             }

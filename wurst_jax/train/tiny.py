@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +78,34 @@ class TinyConfig:
             )
 
 
+def tiny_config(model: dict | None = None, size: int = 64) -> TinyConfig:
+    """A `TinyConfig` from a run config's "model" section: `semantic_widths`, `decoder_guidance`, and
+    "stage_a" / "stage_b" / "stage_c" / "text" objects whose keys replace those of the default configs (the
+    config classes' field names). `resolution_multiple` and `latent_dim_scale` follow from `semantic_widths`."""
+    model, base = dict(model or {}), TinyConfig()
+    subs = {"stage_a": base.stage_a, "stage_b": base.stage_b, "stage_c": base.stage_c, "text": base.text}
+    known = {"semantic_widths", "decoder_guidance", *subs}
+    if set(model) - known:
+        raise ValueError(f"config section 'model': unknown keys {sorted(set(model) - known)}; known: {sorted(known)}")
+    kw: dict[str, Any] = {"size": size}
+    for name, default in subs.items():
+        if name in model:
+            fields = {f.name for f in dataclasses.fields(default)}
+            extra = set(model[name]) - fields
+            if extra:
+                raise ValueError(f"config section 'model.{name}': unknown keys {sorted(extra)}; known {sorted(fields)}")
+            kw[name] = dataclasses.replace(
+                default, **{k: tuple(v) if isinstance(v, list) else v for k, v in model[name].items()}
+            )
+    if "semantic_widths" in model:
+        widths = tuple(int(w) for w in model["semantic_widths"])
+        kw.update(semantic_widths=widths, resolution_multiple=float(2 ** len(widths)))
+        kw["latent_dim_scale"] = kw["resolution_multiple"] / 4
+    if "decoder_guidance" in model:
+        kw["decoder_guidance"] = float(model["decoder_guidance"])
+    return TinyConfig(**kw)
+
+
 _DECODER = ("up_blocks", "out_block")  # Stage A's decoder half; "a-decoder" refines it on frozen encoder latents
 
 
@@ -96,6 +123,7 @@ class RunConfig:
     seed: int = 0
     log_every: int = 50
     ckpt_every: int = 500
+    data_workers: int = 0  # processes rendering batches ahead (use several on a GPU; 0: render in-process)
 
 
 def modules(cfg: TinyConfig, dtype: Any = jnp.float32) -> dict[str, nn.Module]:
@@ -133,16 +161,60 @@ def caption_tokens(tokenizer, captions: list[str]) -> tuple[np.ndarray, np.ndarr
     return enc.input_ids.astype(np.int32), enc.attention_mask.astype(np.int32)
 
 
-def _host_batches(tokenizer, size: int, batch_size: int, seed: int, start: int) -> Iterator[dict]:
-    """Batch k is a function of (seed, k) alone, so a resumed run sees exactly the batches it would have seen."""
+_TOKENIZER = None  # a data worker's copy (see `_set_tokenizer`)
+
+
+def _set_tokenizer(tokenizer) -> None:
+    global _TOKENIZER
+    _TOKENIZER = tokenizer
+
+
+def _tiny_batch(size: int, batch_size: int, seed: int, step: int, tokenizer=None) -> dict:
+    """Batch `step` of a run: a function of (seed, step) alone, so a resumed run sees exactly the batches it
+    would have seen, whichever process makes it. Images travel as uint8 (made float32 by `_as_float`)."""
     from wurst_jax.train.data import batches
 
-    step = start
-    while True:
-        b = next(batches(seed * 1_000_003 + step, batch_size, size=size, split="train"))
-        ids, mask = caption_tokens(tokenizer, b["captions"])
-        yield {"images": b["images"].astype(np.float32), "ids": ids, "mask": mask}
-        step += 1
+    b = next(batches(seed * 1_000_003 + step, batch_size, size=size, split="train"))
+    ids, mask = caption_tokens(tokenizer or _TOKENIZER, b["captions"])
+    return {"images": np.round(b["images"] * 255).astype(np.uint8), "ids": ids, "mask": mask}
+
+
+def _as_float(batch: dict) -> dict:
+    return {**batch, "images": batch["images"].astype(np.float32) / 255.0}  # = the dataset's own float32 images
+
+
+class _Batches:
+    """`batch_at(k)` for the train loop. With `workers` > 0 a process pool renders the next `workers * 2`
+    batches ahead (the procedural data is CPU-bound; a GPU step of the tiny model is faster than one process
+    renders a batch); with 0 it renders in this process. Either way batch k is the same."""
+
+    def __init__(self, tokenizer, size: int, batch_size: int, seed: int, workers: int = 0):
+        self.args, self.tokenizer, self.ahead, self.pending = (size, batch_size, seed), tokenizer, 2 * workers, {}
+        self.pool = None
+        if workers > 0:
+            import concurrent.futures
+            import multiprocessing
+
+            self.pool = concurrent.futures.ProcessPoolExecutor(
+                workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_set_tokenizer,
+                initargs=(tokenizer,),
+            )
+
+    def __call__(self, k: int) -> dict:
+        if self.pool is None:
+            return _as_float(_tiny_batch(*self.args, k, tokenizer=self.tokenizer))
+        for j in range(k, k + self.ahead):
+            if j not in self.pending:
+                self.pending[j] = self.pool.submit(_tiny_batch, *self.args, j)
+        for j in [j for j in self.pending if j < k]:
+            self.pending.pop(j).cancel()
+        return _as_float(self.pending.pop(k).result())
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
 
 
 def stage_loss(stage: str, cfg: TinyConfig, mods: dict, frozen: dict, run: RunConfig, empty: tuple) -> Any:
@@ -251,19 +323,22 @@ def train_stage(
     frozen = {"vqgan": variables["vqgan"], "semantic": variables["semantic"]}
     empty = caption_tokens(tokenizer, [""])
     step_fn = jit_train_step(make_train_step(stage_loss(stage, cfg, mods, frozen, run, empty), tx, run.ema_decay))
-    data = _host_batches(tokenizer, cfg.size, run.batch_size, run.seed, int(state.step))
-    state = train_loop(
-        state,
-        step_fn,
-        lambda k: next(data),
-        run.steps,
-        stage,
-        ckpts,
-        Path(out_dir) / "metrics.jsonl",
-        run.log_every,
-        run.ckpt_every,
-        log,
-    )
+    data = _Batches(tokenizer, cfg.size, run.batch_size, run.seed, run.data_workers)
+    try:
+        state = train_loop(
+            state,
+            step_fn,
+            data,
+            run.steps,
+            stage,
+            ckpts,
+            Path(out_dir) / "metrics.jsonl",
+            run.log_every,
+            run.ckpt_every,
+            log,
+        )
+    finally:
+        data.close()
     return absorb(stage, variables, state.ema, state.batch_stats)
 
 
