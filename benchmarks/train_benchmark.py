@@ -158,20 +158,28 @@ def make_batch(shapes: dict, shardings: dict | None, seed: int = 1) -> dict:
     return {k: jax.make_array_from_callback(x.shape, shardings[k], lambda i, x=x: x[i]) for k, x in host.items()}
 
 
+def progress(message: str) -> None:
+    print(f"[train_benchmark] {message}", file=sys.stderr, flush=True)  # a run cut short still shows where it was
+
+
 def benchmark(a) -> dict:
     """Build, compile, warm up and time the train step; returns the record (without date and versions)."""
     b = build(a)
     dev = b["devices"][0]
     init = jax.jit(b["init_state"], out_shardings=b["state_sh"] or jax.sharding.SingleDeviceSharding(dev))
+    t0 = time.perf_counter()
     state = jax.block_until_ready(init(jax.random.key(SEED)))  # made where it lives, sharded if on a mesh
+    progress(f"state made on the device in {time.perf_counter() - t0:.1f} s")
     batch = make_batch(b["batch_shapes"], b["batch_sh"])
     jitted = jit_train_step(b["step"], b["state_sh"], b["batch_sh"])
     t0 = time.perf_counter()
     compiled = jitted.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
+    progress(f"train step compiled in {compile_s:.1f} s")
     for _ in range(a.warmup):
         state, metrics = compiled(state, batch)
     jax.block_until_ready(state)
+    progress(f"{a.warmup} warm-up steps done")
     t0 = time.perf_counter()
     for _ in range(a.steps):
         state, metrics = compiled(state, batch)
