@@ -162,24 +162,28 @@ def progress(message: str) -> None:
     print(f"[train_benchmark] {message}", file=sys.stderr, flush=True)  # a run cut short still shows where it was
 
 
-def benchmark(a) -> dict:
-    """Build, compile, warm up and time the train step; returns the record (without date and versions)."""
+def benchmark(a, state=None) -> tuple[dict, object]:
+    """Build, compile, warm up and time the train step at batch `a.batch`; returns the record (without date and
+    versions) and the state, which the next batch size reuses (its init is compiled and run once per process)."""
     b = build(a)
     dev = b["devices"][0]
-    init = jax.jit(b["init_state"], out_shardings=b["state_sh"] or jax.sharding.SingleDeviceSharding(dev))
-    t0 = time.perf_counter()
-    state = jax.block_until_ready(init(jax.random.key(SEED)))  # made where it lives, sharded if on a mesh
-    progress(f"state made on the device in {time.perf_counter() - t0:.1f} s")
+    init_s = None
+    if state is None:
+        init = jax.jit(b["init_state"], out_shardings=b["state_sh"] or jax.sharding.SingleDeviceSharding(dev))
+        t0 = time.perf_counter()
+        state = jax.block_until_ready(init(jax.random.key(SEED)))  # made where it lives, sharded if on a mesh
+        init_s = time.perf_counter() - t0
+        progress(f"state made on the device in {init_s:.1f} s")
     batch = make_batch(b["batch_shapes"], b["batch_sh"])
     jitted = jit_train_step(b["step"], b["state_sh"], b["batch_sh"])
     t0 = time.perf_counter()
     compiled = jitted.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    progress(f"train step compiled in {compile_s:.1f} s")
+    progress(f"batch {a.batch}: train step compiled in {compile_s:.1f} s")
     for _ in range(a.warmup):
         state, metrics = compiled(state, batch)
     jax.block_until_ready(state)
-    progress(f"{a.warmup} warm-up steps done")
+    progress(f"batch {a.batch}: {a.warmup} warm-up steps done")
     t0 = time.perf_counter()
     for _ in range(a.steps):
         state, metrics = compiled(state, batch)
@@ -193,7 +197,7 @@ def benchmark(a) -> dict:
     rec.update(n_devices=n, sharding=b["sharding"], config=a.config, stage_c=dataclasses.asdict(b["cfg"]))
     rec.update(batch=a.batch, resolution=a.res, latent_shape=list(b["batch_shapes"]["latents"].shape))
     rec.update(text_shape=list(b["batch_shapes"]["clip"].shape), dtype="bf16 compute, f32 params")
-    rec.update(steps=a.steps, warmup=a.warmup, samples_per_s=a.batch / seconds_per_step)
+    rec.update(steps=a.steps, warmup=a.warmup, samples_per_s=a.batch / seconds_per_step, state_init_s=init_s)
     rec.update(seconds_per_step=seconds_per_step, compile_s=compile_s, flops_per_device_step=per_device)
     rec.update(flops_per_step=per_device and per_device * n, flops_per_sample=per_device and per_device * n / a.batch)
     for key, table in (("mfu", gb.SPEC_PEAK), ("mfu_vs_measured_peak", gb.MEASURED_PEAK)):
@@ -209,7 +213,7 @@ def benchmark(a) -> dict:
     rec.update(final_step=int(state.step), final_loss=float(metrics["loss"]))
     rec.update(loss_finite=bool(np.isfinite(rec["final_loss"])), optimizer=dict(lr=LR, warmup=WARMUP_SCHEDULE))
     rec["optimizer"].update(ema_decay=EMA_DECAY, clip_norm=1.0, weight_decay=0.01)
-    return rec
+    return rec, state
 
 
 def versions() -> dict:
@@ -252,6 +256,9 @@ def markdown(rec: dict, argv: list[str]) -> str:
         f"loss after the last step {rec['final_loss']:.4g}.",
         "- GFLOP/step: XLA cost analysis of the compiled step (per device × devices); MFU: per-device FLOPs / step "
         "time / dense bf16 peak. peak mem: the device allocator's peak (n/a on the CPU).",
+        "- state init (jit of the random init of params, Adam moments and EMA, compile included): "
+        + ("made once for the first batch size of this process" if rec["state_init_s"] is None
+           else f"{rec['state_init_s']:.1f} s"),
         "",
     ])  # fmt: skip
 
@@ -259,7 +266,9 @@ def markdown(rec: dict, argv: list[str]) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", choices=list(DEFAULTS), default="v2")
-    ap.add_argument("--batch", type=int, default=None, help="global batch per step (default: 8)")
+    ap.add_argument(
+        "--batch", type=int, nargs="+", default=None, help="global batch per step, one or more (default: 8)"
+    )
     ap.add_argument("--res", type=int, default=None, help="image side in pixels (default: v2 1024, small 256)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps after the compile")
@@ -270,14 +279,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-write", action="store_true", help="print only; do not append to the results files")
     ap.add_argument("--out-dir", default=str(gb.ROOT / "benchmarks"))
     a = ap.parse_args(argv)
-    a.batch = a.batch or DEFAULTS[a.config]["batch"]
+    a.batches = a.batch or [DEFAULTS[a.config]["batch"]]
+    a.batch = a.batches[0]
     a.res = a.res or DEFAULTS[a.config]["res"]
-    if a.steps < 1 or a.warmup < 0 or a.batch < 1:
+    if a.steps < 1 or a.warmup < 0 or min(a.batches) < 1:
         ap.error("--steps and --batch must be positive, --warmup non-negative")
     return a
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> dict | list[dict]:
+    """The record (a list of them for several `--batch` sizes, measured in order in one process)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     a = parse_args(argv)
     if a.dry_run:
@@ -289,16 +300,19 @@ def main(argv=None) -> dict:
             f"text {rec['text_shape']}"
         )
         return rec
-    rec = benchmark(a)
-    rec.update(date=gb.utc_now(), versions=versions(), command=shlex.join(argv))
-    text = markdown(rec, argv)
-    print(text)
-    if not a.no_write:
-        out = Path(a.out_dir)
-        gb.append_results_md(out, text)
-        with (out / "results.jsonl").open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-    return rec
+    records, state = [], None
+    for batch in a.batches:
+        rec, state = benchmark(argparse.Namespace(**{**vars(a), "batch": batch}), state)
+        rec.update(date=gb.utc_now(), versions=versions(), command=shlex.join(argv))
+        text = markdown(rec, argv)
+        print(text)
+        if not a.no_write:  # each batch size as soon as it is measured: a run cut short keeps what it had
+            out = Path(a.out_dir)
+            gb.append_results_md(out, text)
+            with (out / "results.jsonl").open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+        records.append(rec)
+    return records[0] if len(records) == 1 else records
 
 
 if __name__ == "__main__":

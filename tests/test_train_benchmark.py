@@ -67,3 +67,13 @@ def test_v2_state_through_eval_shape():
     assert rec["latent_shape"] == [8, 24, 24, 16] and rec["text_shape"] == [8, 77, 1280]
     assert 4 * 4 * rec["params"] <= rec["state_bytes"] < 4 * 4 * rec["params"] + 2**20  # f32 params, μ, ν, EMA
     assert rec["n_devices"] == 8 and rec["state_bytes_per_device"] < rec["state_bytes"] / 7
+
+
+def test_several_batch_sizes_share_one_state(tmp_path):
+    recs = tb.main([*SMALL, "--devices", "1", "--batch", "8", "4", "--out-dir", str(tmp_path)])
+    assert [r["batch"] for r in recs] == [8, 4]
+    assert recs[0]["state_init_s"] > 0 and recs[1]["state_init_s"] is None  # made once, then reused
+    assert recs[1]["final_step"] == 6 and recs[1]["latent_shape"] == [4, 6, 6, 16]
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["batch"] for r in rows] == [8, 4]
+    assert (tmp_path / "RESULTS.md").read_text().count("## Train step, Stage C · ") == 2
