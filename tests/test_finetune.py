@@ -202,6 +202,7 @@ def test_bad_images_and_configs(tiny_checkpoints, tmp_path, capsys):
     cases = [
         (dict(size=64), "unknown keys ['size']"),
         (dict(c={"stepz": 1}), "section 'c': unknown keys ['stepz']"),
+        (dict(data_workers=4), "unknown keys ['data_workers']"),
         (dict(sharding="tp"), "'sharding' must be 'dp' or 'fsdp'"),
     ]
     for extra, message in cases:

@@ -75,3 +75,17 @@ def test_train_model_section_errors(tmp_path, capsys):
         config.write_text(json.dumps({"out": str(tmp_path / "r"), "model": model}))
         assert main(["train", "--stage", "a", "--config", str(config)]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_max_seconds_stops_saves_and_a_second_run_continues(tmp_path, capsys):
+    config, out = tmp_path / "run.json", tmp_path / "run"
+    run = {"out": str(out), "size": 64, "batch_size": 2, "log_every": 10, "ckpt_every": 10, "a": {"steps": 3}}
+    config.write_text(json.dumps({**run, "max_seconds": 0}))  # stops after its first step
+    assert main(["train", "--stage", "a", "--config", str(config)]) == 0
+    assert "stage a: stopped at step 1 of 3" in capsys.readouterr().out
+    assert (out / "variables").is_dir() and not (out / "stage_a.done").exists()  # saved, not marked done
+    config.write_text(json.dumps(run))
+    assert main(["train", "--stage", "a", "--config", str(config)]) == 0
+    assert "stage a: resumed at step 1" in capsys.readouterr().out
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 3] and (out / "stage_a.done").exists()

@@ -3,7 +3,8 @@ fine-tune a converted / diffusers-layout checkpoint on your own data.
 
 The config is a JSON file (see `wurst_jax/train/configs/tiny.json`): `out` (run folder), `size`, and per-stage
 run settings (`steps`, `batch_size`, `lr`, `warmup_steps`, `ema_decay`, `cond_dropout`, `seed`, `log_every`,
-`ckpt_every`), either at top level or under "a" / "b" / "c". After each stage the variables of all components
+`ckpt_every`, `data_workers`, `max_seconds`), either at top level or under "a" / "b" / "c", and optionally the
+architecture under "model" (`tiny.tiny_config`). After each stage the variables of all components
 are saved with orbax in `out/variables`; the next stage starts from them, and an interrupted stage resumes from
 its own checkpoints (`out/ckpt_<stage>`).
 
@@ -11,7 +12,8 @@ Fine-tuning (`wurst_jax/train/finetune.py`, example `wurst_jax/train/configs/fin
 `init` — the pipeline folder to start from (a prior pipeline for `--stage c`, a decoder pipeline for b and a) —
 and `data` — a folder of `.npz` shards (format in finetune.py) — plus optionally `dtype` (compute, "float32" or
 "bfloat16"; default float32), `save_dtype` (the exported component; default float32), `sharding` ("dp" or
-"fsdp" over all devices) and the run settings above (no `size`). Any other key is an error. It trains the one
+"fsdp" over all devices) and the run settings above (no `size`, `model` or `data_workers`). Any other key is an
+error. It trains the one
 stage's component, resumes from `out/ckpt_<stage>`, and leaves `out/` a pipeline folder diffusers loads.
 """
 
@@ -78,13 +80,15 @@ def run_train(args: argparse.Namespace) -> int:
     variables = restore_variables(saved, jax.eval_shape(lambda: fresh)) if saved.exists() else fresh
     if args.stage:
         tokenizer = AutoTokenizer.from_pretrained(str(ASSETS / "tokenizer"))
-        variables = train_stage(args.stage, cfg, variables, tokenizer, _run_config(raw, args.stage), out)
+        run = _run_config(raw, args.stage)
+        variables, reached = train_stage(args.stage, cfg, variables, tokenizer, run, out)
         tmp = out / "variables.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         save_variables(variables, tmp)
         shutil.rmtree(saved, ignore_errors=True)
         tmp.rename(saved)
-        (out / f"stage_{args.stage}.done").write_text("ok\n")
+        if reached >= run.steps:  # a stage stopped by max_seconds is saved as far as it got, not marked done
+            (out / f"stage_{args.stage}.done").write_text("ok\n")
     if args.export:
         for d in export(cfg, variables, ASSETS / "tokenizer", args.export):
             print(d)

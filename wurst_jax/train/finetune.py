@@ -93,7 +93,7 @@ def finetune_config(raw: dict, stage: str, name: str = "config") -> FinetuneConf
     """Check a fine-tune config (settings at top level, overridden by the stage's section) and build it."""
     if stage not in STAGES:
         raise ValueError(f"{name}: fine-tuning (a config with 'init') trains stage a, b or c, not {stage!r}")
-    run_keys = {f.name for f in dataclasses.fields(RunConfig)}
+    run_keys = {f.name for f in dataclasses.fields(RunConfig)} - {"data_workers"}  # no rendering: shards are read
     known = run_keys | set(FINETUNE_KEYS)
     unknown = set(raw) - known - {"out", *STAGES}
     if unknown:
@@ -428,6 +428,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
         run.log_every,
         run.ckpt_every,
         log,
+        run.max_seconds,
     )
 
     trained = {"params": state.ema, **({"batch_stats": state.batch_stats} if stage == "a" else {})}

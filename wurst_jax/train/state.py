@@ -153,17 +153,22 @@ def train_loop(
     log_every: int = 50,
     ckpt_every: int = 500,
     log: Callable[[str], None] = print,
+    max_seconds: float | None = None,
 ) -> TrainState:
     """Step from `state.step` to `steps`: batch k is `batch_at(k)`; every `log_every` steps the mean loss, the
     last gradient norm and seconds per step go to `metrics_file` (JSON lines) and `log`; every `ckpt_every`
     steps, and at the end, the whole state is saved. The host reads the metrics back only when it logs, so it
-    prepares the next batch while the device runs the step."""
+    prepares the next batch while the device runs the step. With `max_seconds` the loop also ends (logged and
+    saved like the last step) at the first step that finishes that long after it started: a run inside a job's
+    time limit, continued by running it again."""
     t0, losses, k = time.perf_counter(), [], int(state.step)
+    deadline = None if max_seconds is None else t0 + max_seconds
     while k < steps:
         state, m = step_fn(state, batch_at(k))
         losses.append(m["loss"])
         k += 1
-        if k % log_every == 0 or k == steps:
+        last = k == steps or (deadline is not None and time.perf_counter() >= deadline)
+        if k % log_every == 0 or last:
             rec = {
                 "stage": stage,
                 "step": k,
@@ -175,6 +180,10 @@ def train_loop(
                 f.write(json.dumps(rec) + "\n")
             log(json.dumps(rec))
             t0, losses = time.perf_counter(), []
-        if k % ckpt_every == 0 or k == steps:
+        if k % ckpt_every == 0 or last:
             ckpts.save(state)
+        if last:
+            break
+    if k < steps:
+        log(f"stage {stage}: stopped at step {k} of {steps} (max_seconds {max_seconds}); run again to continue")
     return state

@@ -124,6 +124,7 @@ class RunConfig:
     log_every: int = 50
     ckpt_every: int = 500
     data_workers: int = 0  # processes rendering batches ahead (use several on a GPU; 0: render in-process)
+    max_seconds: float | None = None  # stop (and save) after this long; running again continues
 
 
 def modules(cfg: TinyConfig, dtype: Any = jnp.float32) -> dict[str, nn.Module]:
@@ -309,8 +310,9 @@ def absorb(stage: str, variables: dict, params: Any, stats: Any) -> dict:
 
 def train_stage(
     stage: str, cfg: TinyConfig, variables: dict, tokenizer, run: RunConfig, out_dir: str | Path, log=print
-) -> dict:
-    """Train one stage (resuming from `out_dir/ckpt_<stage>` if a checkpoint is there); returns updated variables."""
+) -> tuple[dict, int]:
+    """Train one stage (resuming from `out_dir/ckpt_<stage>` if a checkpoint is there); returns the variables with
+    the stage's EMA weights put in, and the step reached (`run.steps`, or fewer when `run.max_seconds` ran out)."""
     mods = modules(cfg)
     params, stats = trainable(stage, variables)
     tx = make_optimizer(run.lr, run.warmup_steps)
@@ -336,10 +338,11 @@ def train_stage(
             run.log_every,
             run.ckpt_every,
             log,
+            run.max_seconds,
         )
     finally:
         data.close()
-    return absorb(stage, variables, state.ema, state.batch_stats)
+    return absorb(stage, variables, state.ema, state.batch_stats), int(state.step)
 
 
 def export(cfg: TinyConfig, variables: dict, tokenizer_dir: str | Path, out: str | Path, dtype: Any = jnp.bfloat16):
