@@ -2,6 +2,8 @@
 
 import json
 
+import jax
+from jax._src import compilation_cache
 from PIL import Image
 
 from wurst_jax.cli import main
@@ -85,7 +87,12 @@ def test_max_seconds_stops_saves_and_a_second_run_continues(tmp_path, capsys):
     assert "stage a: stopped at step 1 of 3" in capsys.readouterr().out
     assert (out / "variables").is_dir() and not (out / "stage_a.done").exists()  # saved, not marked done
     config.write_text(json.dumps(run))
-    assert main(["train", "--stage", "a", "--config", str(config)]) == 0
+    try:
+        assert main(["train", "--stage", "a", "--config", str(config), "--cache-dir", str(tmp_path / "cache")]) == 0
+    finally:  # the cache is process-wide: later tests compile as before
+        jax.config.update("jax_compilation_cache_dir", None)
+        compilation_cache.reset_cache()
     assert "stage a: resumed at step 1" in capsys.readouterr().out
+    assert any((tmp_path / "cache").iterdir())  # the compiled step persisted for the next process
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 3] and (out / "stage_a.done").exists()

@@ -47,6 +47,11 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         help="JSON run config (e.g. wurst_jax/train/configs/tiny.json, or finetune_prior.json to fine-tune)",
     )
     p.add_argument("--export", metavar="DIR", help="write DIR/wuerstchen and DIR/wuerstchen-prior (bf16 safetensors)")
+    p.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="persistent compilation cache: a resumed or repeated run skips compiling the train step again",
+    )
 
 
 def _run_config(raw: dict, stage: str):
@@ -67,6 +72,10 @@ def run_train(args: argparse.Namespace) -> int:
     from wurst_jax.train.tiny import export, init_variables, modules, tiny_config, train_stage
     from wurst_jax.weights.orbax_io import restore_variables, save_variables
 
+    if args.cache_dir:
+        from wurst_jax.pipeline_io import enable_compilation_cache
+
+        enable_compilation_cache(args.cache_dir)
     raw = json.loads(Path(args.config).read_text())
     if "out" not in raw:
         raise ValueError(f"{args.config}: needs an 'out' folder")
