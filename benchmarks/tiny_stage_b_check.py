@@ -2,13 +2,14 @@
 latents (no prior involved). Needs a training run folder (`out` of a tiny config: `variables`, `ckpt_b`), since the
 semantic encoder is not part of the exported pipeline.
 
-Usage: python benchmarks/tiny_stage_b_check.py --run runs/tiny [--semantic-widths 32,64,96,128] [--patch-size 2]
+Usage: python benchmarks/tiny_stage_b_check.py --config wurst_jax/train/configs/tiny.json
+(the run's config: its `out` folder and its "model" section, as `wurst-jax train` reads them).
 Scores (wurst_jax.train.checker) over `--n` single-object held-out scenes; Stage B 12 steps at decoder guidance
 0 / 2 / 4 with the same noise; Stage B weights: the EMA of the newest `ckpt_b` checkpoint.
 """
 
 import argparse
-import dataclasses
+import json
 from functools import partial
 from pathlib import Path
 
@@ -23,25 +24,18 @@ from wurst_jax.train.checker import score
 from wurst_jax.train.cli import ASSETS
 from wurst_jax.train.data import render, sample_scenes
 from wurst_jax.train.state import Checkpoints, create_state, make_optimizer
-from wurst_jax.train.tiny import TinyConfig, absorb, init_variables, modules, trainable
+from wurst_jax.train.tiny import absorb, init_variables, modules, tiny_config, trainable
 from wurst_jax.weights.orbax_io import restore_variables
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--run", required=True, help="tiny training run folder (holds variables/ and ckpt_b/)")
-    ap.add_argument("--semantic-widths", default="32,64,96,128")
-    ap.add_argument("--patch-size", type=int, default=2)
+    ap.add_argument("--config", required=True, help="the tiny run's JSON config (its 'out' holds variables, ckpt_b)")
     ap.add_argument("--n", type=int, default=64)
     a = ap.parse_args()
-    widths = tuple(int(w) for w in a.semantic_widths.split(","))
-    cfg = TinyConfig(
-        stage_b=dataclasses.replace(TinyConfig().stage_b, patch_size=a.patch_size),
-        semantic_widths=widths,
-        resolution_multiple=float(2 ** len(widths)),
-        latent_dim_scale=2 ** len(widths) / 4,
-    )
-    mods, run = modules(cfg), Path(a.run)
+    raw = json.loads(Path(a.config).read_text())
+    cfg = tiny_config(raw.get("model"), raw.get("size", 64))
+    mods, run = modules(cfg), Path(raw["out"])
     v = restore_variables(run / "variables", jax.eval_shape(lambda: init_variables(cfg, mods)))
     params, _ = trainable("b", v)
     like = jax.eval_shape(lambda: create_state(params, make_optimizer(1e-3), 0, {}))

@@ -5,7 +5,7 @@ Order: Stage A (VQGAN, reconstruction; optionally "a-decoder": more decoder trai
 unquantised latents, which leaves the latent space Stage B learns unchanged) → Stage B with the semantic
 encoder and the decoder's text encoder (ε-loss on Stage A latents, the encoder learning what Stage B needs) →
 Stage C with the prior's text encoder (ε-loss on the frozen semantic encoder's latents). 64×64 images:
-Stage A latents 16×16×4, semantic latents 4×4×16 (pipeline `resolution_multiple` 16, `latent_dim_scale` 4).
+Stage A latents 16×16×4, semantic latents 8×8×16 (pipeline `resolution_multiple` 8, `latent_dim_scale` 2).
 """
 
 from __future__ import annotations
@@ -58,15 +58,16 @@ class TinyConfig:
         effnet_embd=16,
         clip_embd=64,
         dropout=0.0,
+        patch_size=1,  # Stage B at the full 16 × 16 latent resolution: it redraws shapes far better than at 2
     )
     stage_c: StageCConfig = StageCConfig(c_in=16, c=128, c_cond=64, c_r=64, depth=4, nhead=4, dropout=0.0)
     text: CLIPTextConfig = CLIPTextConfig(
         hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4
     )
-    semantic_widths: tuple[int, ...] = (32, 64, 96, 128)  # one stride-2 stage each: 16× smaller than the image
-    resolution_multiple: float = 16.0  # = 2 ** len(semantic_widths)
-    latent_dim_scale: float = 4.0  # Stage A latents (size / 4) over semantic latents
-    decoder_guidance: float = 0.0  # written to the export's model_index.json as `wurst-jax generate`'s default
+    semantic_widths: tuple[int, ...] = (32, 64, 128)  # one stride-2 stage each: 8 × 8 semantic latents at 64²
+    resolution_multiple: float = 8.0  # = 2 ** len(semantic_widths)
+    latent_dim_scale: float = 2.0  # Stage A latents (size / 4) over semantic latents
+    decoder_guidance: float = 4.0  # written to the export's model_index.json as `wurst-jax generate`'s default
 
     def __post_init__(self):
         if self.resolution_multiple != 2 ** len(self.semantic_widths) or self.latent_dim_scale * 4 != (
