@@ -10,6 +10,8 @@ import argparse
 import datetime
 import json
 import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import jax
 import numpy as np
 
 import wurst_jax as wj
-from wurst_jax.cli import TINY_MODEL
+from wurst_jax.cli import TINY_MODEL, _model_defaults
 from wurst_jax.train.checker import score
 from wurst_jax.train.data import Scene, heldout_combinations, train_combinations
 
@@ -48,9 +50,13 @@ def main():
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--prior-guidance", type=float, default=4.0)
-    ap.add_argument("--decoder-guidance", type=float, default=0.0)
+    ap.add_argument(
+        "--decoder-guidance", type=float, default=None, help="default: the model's, as `wurst-jax generate` takes it"
+    )
     ap.add_argument("--out-dir", default=str(Path(__file__).parent))
     a = ap.parse_args()
+    if a.decoder_guidance is None:
+        a.decoder_guidance = _model_defaults(Path(a.model))[1]
     pipe = wj.WuerstchenPipeline.from_pretrained(a.model, a.prior, progress=False)
     rng = np.random.default_rng(a.seed)
     seen = [train_combinations()[i] for i in rng.choice(len(train_combinations()), 12, replace=False)]
@@ -61,6 +67,7 @@ def main():
     secs = time.perf_counter() - t0
     out = Path(a.out_dir)
     np.save(out / "tiny_heldout_samples.npy", (images[:: a.per_combination] * 255).round().astype(np.uint8))
+    command = shlex.join(["python", "benchmarks/tiny_accuracy.py", *sys.argv[1:]])
     row = lambda name, r: (
         f"| {name} | {r['n']} | {r['colour']:.1%} | {r['shape']:.1%} | {r['background']:.1%} | {r['all']:.1%} |"
     )
@@ -69,7 +76,7 @@ def main():
         f"Device {jax.devices()[0].device_kind} ({platform.machine()}), jax {jax.__version__}; model {a.model}; "
         f"{a.per_combination} images per combination, {a.size}², 29 prior steps (guidance {a.prior_guidance:g}), "
         f"12 decoder steps (guidance {a.decoder_guidance:g}); "
-        f"{secs:.0f} s for both rows. Command: `python benchmarks/tiny_accuracy.py`.\n",
+        f"{secs:.0f} s for both rows. Command: `{command}`.\n",
         "| prompts | images | colour | shape | background | all three |",
         "|---|---|---|---|---|---|",
         row("held-out combinations (never trained on)", held),
@@ -89,6 +96,10 @@ def main():
                     "date": str(datetime.date.today()),
                     "heldout": held,
                     "train": train,
+                    "model": a.model,
+                    "per_combination": a.per_combination,
+                    "prior_guidance": a.prior_guidance,
+                    "decoder_guidance": a.decoder_guidance,
                 }
             )
             + "\n"
