@@ -24,7 +24,7 @@ from wurst_jax.train.checker import score
 from wurst_jax.train.cli import ASSETS
 from wurst_jax.train.data import render, sample_scenes
 from wurst_jax.train.state import Checkpoints, create_state, make_optimizer
-from wurst_jax.train.tiny import absorb, init_variables, modules, tiny_config, trainable
+from wurst_jax.train.tiny import absorb, caption_tokens, init_variables, modules, tiny_config, trainable
 from wurst_jax.weights.orbax_io import restore_variables
 
 
@@ -51,10 +51,8 @@ def main():
     print(f"Stage A encode → decode: {score(rec, scenes)}")
 
     tok = AutoTokenizer.from_pretrained(str(ASSETS / "tokenizer"))
-    enc = lambda caps: tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="np")
-    ids, empty = enc([s.captions()[0] for s in scenes]), enc([""])
-    clip = mods["text"].apply(v["text_decoder"], ids.input_ids, ids.attention_mask)
-    empty_clip = mods["text"].apply(v["text_decoder"], empty.input_ids, empty.attention_mask)
+    clip = mods["text"].apply(v["text_decoder"], *caption_tokens(tok, [s.captions()[0] for s in scenes]))
+    empty_clip = mods["text"].apply(v["text_decoder"], *caption_tokens(tok, [""]))
     semantic = mods["semantic"].apply(v["semantic"], images)
     n, side = len(scenes), cfg.size // 4
     k1, k2 = jax.random.split(jax.random.key(0))

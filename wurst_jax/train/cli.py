@@ -13,8 +13,8 @@ Fine-tuning (`wurst_jax/train/finetune.py`, example `wurst_jax/train/configs/fin
 and `data` — a folder of `.npz` shards (format in finetune.py) — plus optionally `dtype` (compute, "float32" or
 "bfloat16"; default float32), `save_dtype` (the exported component; default float32), `sharding` ("dp" or
 "fsdp" over all devices) and the run settings above (no `size`, `model` or `data_workers`). Any other key is an
-error. It trains the one
-stage's component, resumes from `out/ckpt_<stage>`, and leaves `out/` a pipeline folder diffusers loads.
+error. It trains the one stage's component, resumes from `out/ckpt_<stage>`, and leaves `out/` a pipeline folder
+diffusers loads.
 """
 
 from __future__ import annotations
@@ -84,9 +84,8 @@ def run_train(args: argparse.Namespace) -> int:
     out = Path(raw["out"])
     out.mkdir(parents=True, exist_ok=True)
     cfg = tiny_config(raw.get("model"), raw.get("size", 64))
-    saved = out / "variables"
-    fresh = init_variables(cfg, modules(cfg), raw.get("seed", 0))
-    variables = restore_variables(saved, jax.eval_shape(lambda: fresh)) if saved.exists() else fresh
+    saved, init = out / "variables", lambda: init_variables(cfg, modules(cfg), raw.get("seed", 0))
+    variables = restore_variables(saved, jax.eval_shape(init)) if saved.exists() else init()  # shapes only to restore
     if args.stage:
         tokenizer = AutoTokenizer.from_pretrained(str(ASSETS / "tokenizer"))
         run = _run_config(raw, args.stage)

@@ -65,24 +65,23 @@ class TinyConfig:
         hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4
     )
     semantic_widths: tuple[int, ...] = (32, 64, 128)  # one stride-2 stage each: 8 × 8 semantic latents at 64²
-    resolution_multiple: float = 8.0  # = 2 ** len(semantic_widths)
-    latent_dim_scale: float = 2.0  # Stage A latents (size / 4) over semantic latents
     decoder_guidance: float = 4.0  # written to the export's model_index.json as `wurst-jax generate`'s default
 
-    def __post_init__(self):
-        if self.resolution_multiple != 2 ** len(self.semantic_widths) or self.latent_dim_scale * 4 != (
-            self.resolution_multiple
-        ):
-            raise ValueError(
-                f"resolution_multiple must be 2 ** len(semantic_widths) = {2 ** len(self.semantic_widths)} and "
-                f"latent_dim_scale resolution_multiple / 4; got {self.resolution_multiple}, {self.latent_dim_scale}"
-            )
+    @property
+    def resolution_multiple(self) -> float:
+        """Image side over semantic latent side: one stride-2 stage per `semantic_widths` entry."""
+        return float(2 ** len(self.semantic_widths))
+
+    @property
+    def latent_dim_scale(self) -> float:
+        """Stage A latent side (size / 4) over semantic latent side."""
+        return self.resolution_multiple / 4
 
 
 def tiny_config(model: dict | None = None, size: int = 64) -> TinyConfig:
     """A `TinyConfig` from a run config's "model" section: `semantic_widths`, `decoder_guidance`, and
     "stage_a" / "stage_b" / "stage_c" / "text" objects whose keys replace those of the default configs (the
-    config classes' field names). `resolution_multiple` and `latent_dim_scale` follow from `semantic_widths`."""
+    config classes' field names)."""
     model, base = dict(model or {}), TinyConfig()
     subs = {"stage_a": base.stage_a, "stage_b": base.stage_b, "stage_c": base.stage_c, "text": base.text}
     known = {"semantic_widths", "decoder_guidance", *subs}
@@ -99,9 +98,7 @@ def tiny_config(model: dict | None = None, size: int = 64) -> TinyConfig:
                 default, **{k: tuple(v) if isinstance(v, list) else v for k, v in model[name].items()}
             )
     if "semantic_widths" in model:
-        widths = tuple(int(w) for w in model["semantic_widths"])
-        kw.update(semantic_widths=widths, resolution_multiple=float(2 ** len(widths)))
-        kw["latent_dim_scale"] = kw["resolution_multiple"] / 4
+        kw["semantic_widths"] = tuple(int(w) for w in model["semantic_widths"])
     if "decoder_guidance" in model:
         kw["decoder_guidance"] = float(model["decoder_guidance"])
     return TinyConfig(**kw)
