@@ -10,11 +10,18 @@ With more than one device the state is sharded over a ("data", "model") mesh as 
 replicated; fsdp: every param, its Adam moments and its EMA split) and the batch over "data"; the whole state is
 made by one jit with `out_shardings` (never the full tree on one device first). On one device: no mesh.
 Timing: explicit lower + compile (`compile_s`), `--warmup` steps, then `--steps` steps dispatched back to back and
-timed to `block_until_ready` of the last state. FLOPs: the compiled executable's `cost_analysis()` (XLA's count for
-the partitioned, per-device program; forward + backward + optimizer + EMA); MFU = per-device FLOPs per step / step
-time / the device's dense bf16 peak (`generate_benchmark.device_peak`, or `--peak-tflops`). Peak memory: the
+timed to `block_until_ready` of the last state. FLOPs are model FLOPs: XLA's `cost_analysis()` of the lowered,
+unpartitioned step of the plain prior (blocks unrolled, no remat; forward + backward + optimizer + EMA), whatever
+`--scan-blocks` / `--remat` run, so a rematerialised forward is not counted as useful work and a scanned body is
+not counted once; per device = that / devices. MFU = per-device model FLOPs per step / step time / the device's
+dense bf16 peak (`generate_benchmark.device_peak`, or `--peak-tflops`). `xla_flops_per_device_step` is the compiled
+program's own count (remat recompute included; None with `--scan-blocks`, whose loop body XLA counts once).
+`--scan-blocks` and `--remat` are `WuerstchenPrior`'s options of those names. Peak memory: the
 device allocator's peak (largest over local devices; n/a on the CPU). The table is appended to
 `<out-dir>/RESULTS.md` and one JSON row to `<out-dir>/results.jsonl` unless `--no-write`.
+`--compile-only` compiles the step against the abstract state and records the compile time, model FLOPs and XLA's
+buffer sizes (`memory_analysis`: temp and argument bytes) without allocating or timing anything: how much memory
+a batch size, `--scan-blocks` and `--remat` need, as that backend's compiler plans it.
 `--dry-run` only traces abstractly (`jax.eval_shape`): parameter count and train-state bytes, per device with the
 sharding; nothing is compiled, nothing allocated — the way to check the full-size config on a CPU.
 """
@@ -77,7 +84,9 @@ def latent_side(res: int) -> int:
 def build(a) -> dict:
     """Module, optimizer, train step, mesh and the abstract state with its shardings (nothing allocated yet)."""
     cfg = stage_c_config(a.config)
-    module = wj.WuerstchenPrior(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    module = wj.WuerstchenPrior(
+        cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32, scan_blocks=a.scan_blocks, remat=a.remat
+    )
     tx = make_optimizer(LR, WARMUP_SCHEDULE)
 
     def loss_fn(params, batch_stats, rng, batch):
@@ -134,14 +143,21 @@ def dry_run(a) -> dict:
     )  # fmt: skip
 
 
-def compiled_flops(compiled) -> float | None:
-    """FLOPs of the compiled (for a mesh: per-device, partitioned) program from XLA's cost analysis."""
+def xla_flops(stage) -> float | None:
+    """FLOPs from XLA's cost analysis of a `Lowered` (global) or `Compiled` (per device) program."""
     try:
-        ca = compiled.cost_analysis()
+        ca = stage.cost_analysis()
     except Exception:  # a backend without cost analysis
         return None
     total = sum(float(c.get("flops", 0.0)) for c in (ca if isinstance(ca, (list, tuple)) else [ca]) if c)
     return total or None
+
+
+def model_flops(a, b) -> float | None:
+    """Global FLOPs of one step of the plain prior (unrolled, no remat) at this batch: lowered, never compiled."""
+    plain = argparse.Namespace(**{**vars(a), "scan_blocks": False, "remat": False})
+    p = b if not (a.scan_blocks or a.remat) else build(plain)
+    return xla_flops(jax.jit(p["step"]).lower(p["abstract"], p["batch_shapes"]))
 
 
 def peak_memory(devices) -> int | None:
@@ -164,22 +180,46 @@ def progress(message: str) -> None:
 
 def benchmark(a, state=None) -> tuple[dict, object]:
     """Build, compile, warm up and time the train step at batch `a.batch`; returns the record (without date and
-    versions) and the state, which the next batch size reuses (its init is compiled and run once per process)."""
+    versions) and the state, which the next batch size reuses (its init is compiled and run once per process).
+    With `a.compile_only`: the step is compiled against the abstract state, nothing is allocated or run."""
     b = build(a)
     dev = b["devices"][0]
     init_s = None
-    if state is None:
+    if state is None and not a.compile_only:
         init = jax.jit(b["init_state"], out_shardings=b["state_sh"] or jax.sharding.SingleDeviceSharding(dev))
         t0 = time.perf_counter()
         state = jax.block_until_ready(init(jax.random.key(SEED)))  # made where it lives, sharded if on a mesh
         init_s = time.perf_counter() - t0
         progress(f"state made on the device in {init_s:.1f} s")
-    batch = make_batch(b["batch_shapes"], b["batch_sh"])
+    batch = b["batch_shapes"] if a.compile_only else make_batch(b["batch_shapes"], b["batch_sh"])
     jitted = jit_train_step(b["step"], b["state_sh"], b["batch_sh"])
     t0 = time.perf_counter()
-    compiled = jitted.lower(state, batch).compile()
+    compiled = jitted.lower(b["abstract"] if a.compile_only else state, batch).compile()
     compile_s = time.perf_counter() - t0
     progress(f"batch {a.batch}: train step compiled in {compile_s:.1f} s")
+    n = len(b["devices"])
+    total_flops = model_flops(a, b)
+    per_device = total_flops and total_flops / n
+    mem = compiled.memory_analysis()
+    rec = dict(implementation="wurst_jax", benchmark=BENCHMARK, device=dev.device_kind, platform=dev.platform)
+    rec.update(n_devices=n, sharding=b["sharding"], config=a.config, stage_c=dataclasses.asdict(b["cfg"]))
+    rec.update(batch=a.batch, resolution=a.res, latent_shape=list(b["batch_shapes"]["latents"].shape))
+    rec.update(text_shape=list(b["batch_shapes"]["clip"].shape), dtype="bf16 compute, f32 params")
+    rec.update(compile_only=a.compile_only, compile_s=compile_s, state_init_s=init_s)
+    rec.update(flops_per_device_step=per_device, flops_per_step=total_flops)
+    rec.update(flops_per_sample=total_flops and total_flops / a.batch, scan_blocks=a.scan_blocks, remat=a.remat)
+    rec["xla_flops_per_device_step"] = None if a.scan_blocks else xla_flops(compiled)
+    rec.update(xla_temp_bytes=getattr(mem, "temp_size_in_bytes", None))
+    rec.update(xla_argument_bytes=getattr(mem, "argument_size_in_bytes", None))
+    rec.update(params=sum(x.size for x in jax.tree_util.tree_leaves(b["abstract"].params)))
+    rec.update(
+        state_bytes=tree_bytes(b["abstract"]), state_bytes_per_device=per_device_bytes(b["abstract"], b["state_sh"])
+    )
+    rec.update(optimizer=dict(lr=LR, warmup=WARMUP_SCHEDULE, ema_decay=EMA_DECAY, clip_norm=1.0, weight_decay=0.01))
+    rec.update(dict.fromkeys(("steps", "warmup", "samples_per_s", "seconds_per_step", "mfu", "peak_mem_bytes")))
+    rec.update(dict.fromkeys(("mfu_vs_measured_peak", "final_step", "final_loss", "loss_finite")))
+    if a.compile_only:
+        return rec, state
     for _ in range(a.warmup):
         state, metrics = compiled(state, batch)
     jax.block_until_ready(state)
@@ -188,31 +228,15 @@ def benchmark(a, state=None) -> tuple[dict, object]:
     for _ in range(a.steps):
         state, metrics = compiled(state, batch)
     jax.block_until_ready((state, metrics))
-    total_s = time.perf_counter() - t0
-    n = len(b["devices"])
-    per_device = compiled_flops(compiled)
-    seconds_per_step = total_s / a.steps
-    mem = compiled.memory_analysis()
-    rec = dict(implementation="wurst_jax", benchmark=BENCHMARK, device=dev.device_kind, platform=dev.platform)
-    rec.update(n_devices=n, sharding=b["sharding"], config=a.config, stage_c=dataclasses.asdict(b["cfg"]))
-    rec.update(batch=a.batch, resolution=a.res, latent_shape=list(b["batch_shapes"]["latents"].shape))
-    rec.update(text_shape=list(b["batch_shapes"]["clip"].shape), dtype="bf16 compute, f32 params")
-    rec.update(steps=a.steps, warmup=a.warmup, samples_per_s=a.batch / seconds_per_step, state_init_s=init_s)
-    rec.update(seconds_per_step=seconds_per_step, compile_s=compile_s, flops_per_device_step=per_device)
-    rec.update(flops_per_step=per_device and per_device * n, flops_per_sample=per_device and per_device * n / a.batch)
+    seconds_per_step = (time.perf_counter() - t0) / a.steps
+    rec.update(steps=a.steps, warmup=a.warmup, samples_per_s=a.batch / seconds_per_step)
+    rec.update(seconds_per_step=seconds_per_step, peak_mem_bytes=peak_memory(b["devices"]))
     for key, table in (("mfu", gb.SPEC_PEAK), ("mfu_vs_measured_peak", gb.MEASURED_PEAK)):
         peak = gb.device_peak(dev.device_kind, table, a.peak_tflops)
         rec[key] = per_device / seconds_per_step / peak if per_device and peak else None
         rec["peak_flops" if key == "mfu" else "measured_peak_flops"] = peak
-    rec.update(peak_mem_bytes=peak_memory(b["devices"]), xla_temp_bytes=getattr(mem, "temp_size_in_bytes", None))
-    rec.update(xla_argument_bytes=getattr(mem, "argument_size_in_bytes", None))
-    rec.update(params=sum(x.size for x in jax.tree_util.tree_leaves(b["abstract"].params)))
-    rec.update(
-        state_bytes=tree_bytes(b["abstract"]), state_bytes_per_device=per_device_bytes(b["abstract"], b["state_sh"])
-    )
     rec.update(final_step=int(state.step), final_loss=float(metrics["loss"]))
-    rec.update(loss_finite=bool(np.isfinite(rec["final_loss"])), optimizer=dict(lr=LR, warmup=WARMUP_SCHEDULE))
-    rec["optimizer"].update(ema_decay=EMA_DECAY, clip_norm=1.0, weight_decay=0.01)
+    rec.update(loss_finite=bool(np.isfinite(rec["final_loss"])))
     return rec, state
 
 
@@ -237,27 +261,39 @@ def markdown(rec: dict, argv: list[str]) -> str:
     vers = " · ".join(f"{k} {v}" for k, v in rec["versions"].items()) + f" · {os.cpu_count()} host CPUs"
     mfu = "–" if rec["mfu"] is None else f"{rec['mfu']:.1%} / {rec['mfu_vs_measured_peak']:.1%}"
     gflop = "–" if rec["flops_per_step"] is None else f"{rec['flops_per_step'] / 1e9:,.1f}"
-    cols = ["config", "sharding", "devices", "batch", "latents", "s/step", "samples/s", "MFU (spec / measured peak)"]
-    cols += ["GFLOP/step", "compile s", "peak mem", "state/device", "params"]
+    cols = ["config", "blocks", "sharding", "devices", "batch", "latents", "s/step", "samples/s"]
+    cols += ["MFU (spec / measured peak)", "GFLOP/step", "compile s", "peak mem", "state/device", "params"]
+    blocks = "+".join(name for name, on in (("scan", rec["scan_blocks"]), ("remat", rec["remat"])) if on) or "unrolled"
     cells = [
         rec["config"],
+        blocks,
         rec["sharding"] or "none",
         rec["n_devices"],
         rec["batch"],
         "×".join(map(str, rec["latent_shape"])),
     ]
-    cells += [f"{rec['seconds_per_step']:.4f}", f"{rec['samples_per_s']:.2f}", mfu, gflop, f"{rec['compile_s']:.1f}"]
-    cells += [_bytes(rec["peak_mem_bytes"]), _bytes(rec["state_bytes_per_device"]), f"{rec['params']:,}"]
+    timed = not rec["compile_only"]
+    cells += [f"{rec['seconds_per_step']:.4f}", f"{rec['samples_per_s']:.2f}"] if timed else ["–", "–"]
+    cells += [mfu, gflop, f"{rec['compile_s']:.1f}", _bytes(rec["peak_mem_bytes"])]
+    cells += [_bytes(rec["state_bytes_per_device"]), f"{rec['params']:,}"]
+    first = (
+        f"- {rec['steps']} timed steps after {rec['warmup']} warm-up steps, blocked on the last; "
+        if timed
+        else "- compiled only (`--compile-only`), nothing allocated or run; "
+    )
+    xla = f"XLA temp buffers {_bytes(rec['xla_temp_bytes'])}, arguments {_bytes(rec['xla_argument_bytes'])}"
+    last = f"loss after the last step {rec['final_loss']:.4g}; {xla}." if timed else f"{xla} (this backend's compiler)."
     return "\n".join([
         head, "", vers, "", f"Command: `python benchmarks/train_benchmark.py {shlex.join(argv)}`", "",
         "| " + " | ".join(cols) + " |", "|---" * len(cols) + "|", "| " + " | ".join(map(str, cells)) + " |", "",
-        f"- {rec['steps']} timed steps after {rec['warmup']} warm-up steps, blocked on the last; text states "
-        f"{'×'.join(map(str, rec['text_shape']))}; bf16 compute, f32 params; AdamW + warm-up + clip, EMA; "
-        f"loss after the last step {rec['final_loss']:.4g}.",
-        "- GFLOP/step: XLA cost analysis of the compiled step (per device × devices); MFU: per-device FLOPs / step "
+        f"{first}text states {'×'.join(map(str, rec['text_shape']))}; bf16 compute, f32 params; "
+        f"AdamW + warm-up + clip, EMA; {last}",
+        "- GFLOP/step: model FLOPs, XLA's cost analysis of the lowered plain step (blocks unrolled, no remat); "
+        "MFU: per-device model FLOPs / step "
         "time / dense bf16 peak. peak mem: the device allocator's peak (n/a on the CPU).",
         "- state init (jit of the random init of params, Adam moments and EMA, compile included): "
-        + ("made once for the first batch size of this process" if rec["state_init_s"] is None
+        + ("none (compile only)" if rec["compile_only"]
+           else "made once for the first batch size of this process" if rec["state_init_s"] is None
            else f"{rec['state_init_s']:.1f} s"),
         "",
     ])  # fmt: skip
@@ -274,8 +310,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps after the compile")
     ap.add_argument("--sharding", choices=["dp", "fsdp"], default="fsdp", help="with more than one device")
     ap.add_argument("--devices", type=int, default=None, help="use the first N devices (default: all)")
+    ap.add_argument("--scan-blocks", action="store_true", help="the prior's blocks as one lax.scan (compiles once)")
+    ap.add_argument("--remat", action="store_true", help="rematerialise each block triple in the backward pass")
     ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default: by device name)")
     ap.add_argument("--dry-run", action="store_true", help="shapes only: params and state bytes, no compile")
+    ap.add_argument(
+        "--compile-only", action="store_true", help="compile the step against the abstract state; time nothing"
+    )
     ap.add_argument("--no-write", action="store_true", help="print only; do not append to the results files")
     ap.add_argument("--out-dir", default=str(gb.ROOT / "benchmarks"))
     a = ap.parse_args(argv)

@@ -69,9 +69,11 @@ def test_prior_finetune_trains_resumes_sharded_and_exports(tiny_checkpoints, tmp
     out = tmp_path / "out"
     assert (out / "ckpt_c" / "10").is_dir() and (out / "prior").is_dir()
 
-    # "interrupted" at step 10: a longer run resumes there — here on 8 devices with FSDP
+    # "interrupted" at step 10: a longer run resumes there — here on 8 devices with FSDP, the prior's blocks
+    # scanned and rematerialised (the same parameter tree, so the same checkpoint)
     capsys.readouterr()
-    cfg = config(tmp_path, prior_dir, tmp_path / "data", c={"steps": 20}, sharding="fsdp", **settings)
+    scan = dict(sharding="fsdp", scan_blocks=True, remat=True)
+    cfg = config(tmp_path, prior_dir, tmp_path / "data", c={"steps": 20}, **scan, **settings)
     assert main(["train", "--stage", "c", "--config", cfg]) == 0
     assert "stage c: resumed at step 10" in capsys.readouterr().out
     losses = [m["loss"] for m in metrics(out)]
@@ -204,11 +206,15 @@ def test_bad_images_and_configs(tiny_checkpoints, tmp_path, capsys):
         (dict(c={"stepz": 1}), "section 'c': unknown keys ['stepz']"),
         (dict(data_workers=4), "unknown keys ['data_workers']"),
         (dict(sharding="tp"), "'sharding' must be 'dp' or 'fsdp'"),
+        (dict(remat="yes"), "'remat' must be true or false, got 'yes'"),
     ]
     for extra, message in cases:
         cfg = config(tmp_path, prior_dir, tmp_path / "data", **extra)
         assert main(["train", "--stage", "c", "--config", cfg]) == 2
         assert message in capsys.readouterr().err
+    cfg = config(tmp_path, decoder_dir, tmp_path / "d", scan_blocks=True)
+    assert main(["train", "--stage", "b", "--config", cfg]) == 2
+    assert "'scan_blocks' is an option of the prior (stage c), not of stage b" in capsys.readouterr().err
     cfg = config(tmp_path, prior_dir, tmp_path / "empty")
     assert main(["train", "--stage", "c", "--config", cfg]) == 2
     assert "no .npz shards" in capsys.readouterr().err

@@ -17,10 +17,12 @@ def saved(model, tmp_path, **kw):
     return tmp_path / "component"
 
 
-def test_prior_matches_diffusers(tmp_path, rng):
+@pytest.mark.parametrize("options", [{}, {"scan_blocks": True}, {"scan_blocks": True, "remat": True}], ids=str)
+def test_prior_matches_diffusers(tmp_path, rng, options):
     ref = torch_prior()
     module, variables = wj.load_component(saved(ref, tmp_path))
     assert isinstance(module, wj.WuerstchenPrior) and module.config == wj.StageCConfig.tiny()
+    module = module.clone(**options)  # one parameter tree for every execution option
     x = rng.standard_normal((2, 6, 10, 16), np.float32)  # non-square latent grid
     r = np.array([0.9, 0.25], np.float32)
     c = rng.standard_normal((2, 7, 24), np.float32)

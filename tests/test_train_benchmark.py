@@ -57,7 +57,7 @@ def test_small_fsdp_on_8_devices(one_device, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["benchmark"] == "train_step_stage_c" and rows[0]["sharding"] == "fsdp"
     md = (tmp_path / "RESULTS.md").read_text()
-    assert "## Train step, Stage C · " in md and "| small | fsdp | 8 | 8 | 8×6×6×16 |" in md
+    assert "## Train step, Stage C · " in md and "| small | unrolled | fsdp | 8 | 8 | 8×6×6×16 |" in md
 
 
 def test_v2_state_through_eval_shape():
@@ -77,3 +77,22 @@ def test_several_batch_sizes_share_one_state(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [r["batch"] for r in rows] == [8, 4]
     assert (tmp_path / "RESULTS.md").read_text().count("## Train step, Stage C · ") == 2
+
+
+def test_scanned_rematerialised_blocks_count_the_same_model_flops(one_device, tmp_path):
+    """Scan and remat change the program, not the model FLOPs the MFU divides (XLA counts a loop body once)."""
+    rec = tb.main([*SMALL, "--devices", "1", "--scan-blocks", "--remat", "--out-dir", str(tmp_path)])
+    check_record(rec, 1)
+    assert rec["scan_blocks"] and rec["remat"] and rec["xla_flops_per_device_step"] is None
+    assert rec["flops_per_step"] == one_device["flops_per_step"]
+    assert one_device["xla_flops_per_device_step"] > 0 and not one_device["scan_blocks"]
+    assert "| small | scan+remat | none | 1 | 8 | 8×6×6×16 |" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_compile_only_allocates_nothing_and_records_xla_buffers(tmp_path):
+    rec = tb.main([*SMALL, "--devices", "1", "--compile-only", "--out-dir", str(tmp_path)])
+    assert rec["compile_only"] and rec["compile_s"] > 0 and rec["state_init_s"] is None
+    assert rec["seconds_per_step"] is None and rec["samples_per_s"] is None and rec["final_loss"] is None
+    assert rec["flops_per_step"] > 0 and rec["xla_temp_bytes"] > 0 and rec["xla_argument_bytes"] > 0
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "| small | unrolled | none | 1 | 8 | 8×6×6×16 | – | – |" in md and "compiled only" in md

@@ -39,11 +39,23 @@ class StageCConfig:
 
 
 class WuerstchenPrior(nn.Module):
-    """x [B, h, w, c_in], r [B], c [B, T, c_cond] → predicted noise [B, h, w, c_in]."""
+    """x [B, h, w, c_in], r [B], c [B, T, c_cond] → predicted noise [B, h, w, c_in].
+
+    The `depth` identical (ResBlock, TimestepBlock, AttnBlock) triples keep diffusers' flat names `blocks_0` ...
+    whatever the execution options, so one parameter tree serves all of them:
+    - `scan_blocks`: run the triples as one `jax.lax.scan` over their stacked parameters, so XLA compiles one
+      triple instead of `depth` (the stack is a copy of the block parameters per call, in `param_dtype`).
+    - `remat`: rematerialise each triple in the backward pass (`jax.checkpoint`): activation memory of one triple
+      instead of `depth`, for one more forward in the step.
+    With either, dropout draws one key per triple from the "dropout" stream (masks differ from the default path's,
+    not their distribution); in deterministic mode the three paths compute the same function.
+    """
 
     config: StageCConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    scan_blocks: bool = False
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, r: jax.Array, c: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -53,14 +65,46 @@ class WuerstchenPrior(nn.Module):
         c_embed = dense(cfg.c, "cond_mapper_0", dt, pdt)(c.astype(dt))
         c_embed = dense(cfg.c, "cond_mapper_2", dt, pdt)(nn.leaky_relu(c_embed, 0.2))
         r_embed = timestep_embedding(r, cfg.c_r)
-        for i in range(cfg.depth):
-            x = ResBlock(cfg.c, dropout=cfg.dropout, dtype=dt, param_dtype=pdt, name=f"blocks_{3 * i}")(
-                x, deterministic=deterministic
-            )
-            x = TimestepBlock(cfg.c, dt, pdt, name=f"blocks_{3 * i + 1}")(x, r_embed)
-            x = AttnBlock(cfg.c, cfg.c, cfg.nhead, True, cfg.dropout, dt, pdt, name=f"blocks_{3 * i + 2}")(
-                x, c_embed, deterministic
-            )
+        if (self.scan_blocks or self.remat) and not self.is_initializing():
+            x = self._functional_blocks(x, r_embed, c_embed, deterministic)
+        else:
+            for i in range(cfg.depth):
+                res, ts, attn = self._block_modules(i)
+                x = attn(ts(res(x, deterministic=deterministic), r_embed), c_embed, deterministic)
         out = conv(cfg.c_in * 2, 1, "out_1", dt, pdt, zero_init=True)(layer_norm(x)).astype(jnp.float32)
         a, b = jnp.split(out, 2, axis=-1)
         return ((x_in.astype(jnp.float32) - a) / (jnp.abs(1 - b) + 1e-5)).astype(x_in.dtype)
+
+    def _block_modules(self, i: int | None = None) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """Triple `i`'s modules as children `blocks_{3i}` ... of this one; with `i` None, unbound ones to `apply`."""
+        cfg, dt, pdt = self.config, self.dtype, self.param_dtype
+        kw = [dict(parent=None)] * 3 if i is None else [dict(name=f"blocks_{3 * i + k}") for k in range(3)]
+        return (
+            ResBlock(cfg.c, dropout=cfg.dropout, dtype=dt, param_dtype=pdt, **kw[0]),
+            TimestepBlock(cfg.c, dt, pdt, **kw[1]),
+            AttnBlock(cfg.c, cfg.c, cfg.nhead, True, cfg.dropout, dt, pdt, **kw[2]),
+        )
+
+    def _functional_blocks(self, x: jax.Array, r_embed: jax.Array, c_embed: jax.Array, deterministic: bool):
+        """The triples applied functionally to this module's `blocks_*` parameters (scanned and/or remat)."""
+        depth = self.config.depth
+        res, ts, attn = self._block_modules()
+        params = nn.meta.unbox(self.variables["params"])
+        triples = [tuple(params[f"blocks_{3 * i + k}"] for k in range(3)) for i in range(depth)]
+        keys = None if deterministic else jax.random.split(self.make_rng("dropout"), (depth, 2))
+
+        def triple(x, p, key):
+            rngs = lambda j: {} if key is None else {"dropout": key[j]}
+            x = res.apply({"params": p[0]}, x, deterministic=deterministic, rngs=rngs(0))
+            x = ts.apply({"params": p[1]}, x, r_embed)
+            return attn.apply({"params": p[2]}, x, c_embed, deterministic, rngs=rngs(1))
+
+        if self.remat:
+            triple = jax.checkpoint(triple)
+        if not self.scan_blocks:
+            for i in range(depth):
+                x = triple(x, triples[i], None if keys is None else keys[i])
+            return x
+        stacked = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *triples)
+        x, _ = jax.lax.scan(lambda x, xs: (triple(x, *xs), None), x, (stacked, keys))
+        return x

@@ -64,7 +64,8 @@ PARTS = {  # what each stage loads from `init`
     "b": ("decoder", "vqgan", "text_encoder", "tokenizer"),
     "a": ("vqgan",),
 }
-FINETUNE_KEYS = ("init", "data", "dtype", "save_dtype", "sharding")
+FINETUNE_KEYS = ("init", "data", "dtype", "save_dtype", "sharding", "scan_blocks", "remat")
+PRIOR_OPTIONS = ("scan_blocks", "remat")  # `WuerstchenPrior` execution options: stage c only
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _RUN_ARTEFACTS = ("ckpt_", "metrics.jsonl", ".")  # never copied from `init` (it may be an earlier run's out/)
 _TMP = ".pipeline.tmp"
@@ -80,6 +81,8 @@ class FinetuneConfig:
     dtype: str = "float32"  # compute dtype
     save_dtype: str = "float32"  # dtype of the exported component
     sharding: str | None = None  # "dp" or "fsdp" over all devices; None: one device
+    scan_blocks: bool = False  # stage c: the prior's blocks as one lax.scan (one block compiled)
+    remat: bool = False  # stage c: rematerialise each block triple in the backward pass (less activation memory)
 
 
 def is_finetune(raw: dict) -> bool:
@@ -110,6 +113,11 @@ def finetune_config(raw: dict, stage: str, name: str = "config") -> FinetuneConf
     for key in ("dtype", "save_dtype"):
         if merged.get(key, "float32") not in _DTYPES:
             raise ValueError(f"{name}: {key!r} must be one of {sorted(_DTYPES)}, got {merged[key]!r}")
+    for key in PRIOR_OPTIONS:
+        if not isinstance(merged.get(key, False), bool):
+            raise ValueError(f"{name}: {key!r} must be true or false, got {merged[key]!r}")
+        if merged.get(key) and stage != "c":
+            raise ValueError(f"{name}: {key!r} is an option of the prior (stage c), not of stage {stage}")
     if merged.get("sharding") not in (None, "dp", "fsdp"):
         raise ValueError(f"{name}: 'sharding' must be 'dp' or 'fsdp', got {merged['sharding']!r}")
     if "out" not in raw:
@@ -374,6 +382,8 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
 
     parts = load_parts(cfg, root, mesh)
     module, variables = parts[COMPONENT[stage]]
+    if stage == "c":  # same parameter tree, other execution
+        module = module.clone(scan_blocks=cfg.scan_blocks, remat=cfg.remat)
     frozen = {p: v[1] for p, v in parts.items() if p not in (COMPONENT[stage], "tokenizer")}
     tokenizer = parts.get("tokenizer")
     empty_clip = None
