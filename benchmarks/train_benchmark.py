@@ -7,8 +7,9 @@ One train step is the library's own: `objectives.stage_c_loss` (P2-weighted ε-M
 `param_dtype=float32`). Inputs are Stage C latents [B, h, h, 16] (h = ceil(res / 42.67): 24 at 1024²) and CLIP
 text states [B, 77, c_cond], random, placed once: the figures are the step's, not a data pipeline's.
 With more than one device the state is sharded over a ("data", "model") mesh as `--sharding` says (dp: params
-replicated; fsdp: every param, its Adam moments and its EMA split) and the batch over "data"; the whole state is
-made by one jit with `out_shardings` (never the full tree on one device first). On one device: no mesh.
+replicated; fsdp: every param, its Adam moments and its EMA split) and the batch over "data"; the state is made
+by jits with `out_shardings` (never the full tree on one device first; `--init`, see `make_state`). On one
+device: no mesh.
 Timing: explicit lower + compile (`compile_s`), `--warmup` steps, then `--steps` steps dispatched back to back and
 timed to `block_until_ready` of the last state. FLOPs are model FLOPs: XLA's `cost_analysis()` of the lowered,
 unpartitioned step of the plain prior (blocks unrolled, no remat; forward + backward + optimizer + EMA), whatever
@@ -174,6 +175,30 @@ def make_batch(shapes: dict, shardings: dict | None, seed: int = 1) -> dict:
     return {k: jax.make_array_from_callback(x.shape, shardings[k], lambda i, x=x: x[i]) for k, x in host.items()}
 
 
+def make_state(b: dict, init: str):
+    """The train state on the devices (sharded on a mesh), made where it lives.
+    flax: `module.init` in one jit — its random draws expand into one RNG program per parameter (648 for v2).
+    normal: every parameter N(0, 0.02²), drawn by one jitted function per distinct (shape, sharding) — 13 for
+    v2 — then the Adam moments and the EMA from them; random weights all the same, far less to compile."""
+    out_sh = b["state_sh"] or jax.sharding.SingleDeviceSharding(b["devices"][0])
+    if init == "flax":
+        return jax.jit(b["init_state"], out_shardings=out_sh)(jax.random.key(SEED))
+    leaves, treedef = jax.tree_util.tree_flatten(b["abstract"].params)
+    shardings = treedef.flatten_up_to(out_sh.params) if b["state_sh"] else [out_sh] * len(leaves)
+    draws = {}
+
+    def draw(x, sharding, key):
+        spec = (x.shape, x.dtype, sharding)
+        if spec not in draws:
+            normal = lambda k, shape=x.shape, dtype=x.dtype: 0.02 * jax.random.normal(k, shape, dtype)  # noqa: E731
+            draws[spec] = jax.jit(normal, out_shardings=sharding)
+        return draws[spec](key)
+
+    keys = jax.random.split(jax.random.key(SEED), len(leaves))
+    params = treedef.unflatten([draw(x, sh, k) for x, sh, k in zip(leaves, shardings, keys, strict=True)])
+    return jax.jit(lambda p: create_state(p, b["tx"], SEED), out_shardings=out_sh, donate_argnums=0)(params)
+
+
 def progress(message: str) -> None:
     print(f"[train_benchmark] {message}", file=sys.stderr, flush=True)  # a run cut short still shows where it was
 
@@ -186,11 +211,10 @@ def benchmark(a, state=None) -> tuple[dict, object]:
     dev = b["devices"][0]
     init_s = None
     if state is None and not a.compile_only:
-        init = jax.jit(b["init_state"], out_shardings=b["state_sh"] or jax.sharding.SingleDeviceSharding(dev))
         t0 = time.perf_counter()
-        state = jax.block_until_ready(init(jax.random.key(SEED)))  # made where it lives, sharded if on a mesh
+        state = jax.block_until_ready(make_state(b, a.init))
         init_s = time.perf_counter() - t0
-        progress(f"state made on the device in {init_s:.1f} s")
+        progress(f"state made on the device in {init_s:.1f} s ({a.init} init)")
     batch = b["batch_shapes"] if a.compile_only else make_batch(b["batch_shapes"], b["batch_sh"])
     jitted = jit_train_step(b["step"], b["state_sh"], b["batch_sh"])
     t0 = time.perf_counter()
@@ -205,7 +229,7 @@ def benchmark(a, state=None) -> tuple[dict, object]:
     rec.update(n_devices=n, sharding=b["sharding"], config=a.config, stage_c=dataclasses.asdict(b["cfg"]))
     rec.update(batch=a.batch, resolution=a.res, latent_shape=list(b["batch_shapes"]["latents"].shape))
     rec.update(text_shape=list(b["batch_shapes"]["clip"].shape), dtype="bf16 compute, f32 params")
-    rec.update(compile_only=a.compile_only, compile_s=compile_s, state_init_s=init_s)
+    rec.update(compile_only=a.compile_only, compile_s=compile_s, state_init_s=init_s, init=a.init)
     rec.update(flops_per_device_step=per_device, flops_per_step=total_flops)
     rec.update(flops_per_sample=total_flops and total_flops / a.batch, scan_blocks=a.scan_blocks, remat=a.remat)
     rec["xla_flops_per_device_step"] = None if a.scan_blocks else xla_flops(compiled)
@@ -291,7 +315,7 @@ def markdown(rec: dict, argv: list[str]) -> str:
         "- GFLOP/step: model FLOPs, XLA's cost analysis of the lowered plain step (blocks unrolled, no remat); "
         "MFU: per-device model FLOPs / step "
         "time / dense bf16 peak. peak mem: the device allocator's peak (n/a on the CPU).",
-        "- state init (jit of the random init of params, Adam moments and EMA, compile included): "
+        f"- state init (`--init {rec['init']}`: random params, Adam moments and EMA, compile included): "
         + ("none (compile only)" if rec["compile_only"]
            else "made once for the first batch size of this process" if rec["state_init_s"] is None
            else f"{rec['state_init_s']:.1f} s"),
@@ -310,6 +334,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps after the compile")
     ap.add_argument("--sharding", choices=["dp", "fsdp"], default="fsdp", help="with more than one device")
     ap.add_argument("--devices", type=int, default=None, help="use the first N devices (default: all)")
+    ap.add_argument(
+        "--init", choices=["normal", "flax"], default="normal", help="random weights: see make_state (default normal)"
+    )
     ap.add_argument("--scan-blocks", action="store_true", help="the prior's blocks as one lax.scan (compiles once)")
     ap.add_argument("--remat", action="store_true", help="rematerialise each block triple in the backward pass")
     ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default: by device name)")

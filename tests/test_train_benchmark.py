@@ -96,3 +96,22 @@ def test_compile_only_allocates_nothing_and_records_xla_buffers(tmp_path):
     assert rec["flops_per_step"] > 0 and rec["xla_temp_bytes"] > 0 and rec["xla_argument_bytes"] > 0
     md = (tmp_path / "RESULTS.md").read_text()
     assert "| small | unrolled | none | 1 | 8 | 8×6×6×16 | – | – |" in md and "compiled only" in md
+
+
+def test_flax_init_gives_the_same_state_layout(tmp_path):
+    """`--init flax` (module.init in one jit) and the default per-shape normal draws make the same state."""
+    import jax
+
+    recs = []
+    for init in ("flax", "normal"):
+        a = tb.parse_args([*SMALL, "--devices", "1", "--init", init])
+        b = tb.build(a)
+        state = tb.make_state(b, init)
+        assert jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(b["abstract"])
+        assert all(
+            x.shape == y.shape and x.dtype == y.dtype
+            for x, y in zip(*map(jax.tree_util.tree_leaves, (state, b["abstract"])), strict=True)
+        )
+        recs.append(state)
+    normal = jax.tree_util.tree_leaves(recs[1].params)
+    assert all(0 < float(x.std()) < 0.03 for x in normal if x.size > 100)  # N(0, 0.02²), no zero-initialised leaf
