@@ -99,8 +99,8 @@ class WuerstchenPrior(nn.Module):
             x = ts.apply({"params": p[1]}, x, r_embed)
             return attn.apply({"params": p[2]}, x, c_embed, deterministic, rngs=rngs(1))
 
-        if self.remat:
-            triple = jax.checkpoint(triple)
+        if self.remat:  # inside scan the loop already keeps XLA from merging recompute and forward (jax docs)
+            triple = jax.checkpoint(triple, prevent_cse=not self.scan_blocks)
         if not self.scan_blocks:
             for i in range(depth):
                 x = triple(x, triples[i], None if keys is None else keys[i])
