@@ -19,7 +19,9 @@ dense bf16 peak (`generate_benchmark.device_peak`, or `--peak-tflops`). `xla_flo
 program's own count (remat recompute included; None with `--scan-blocks`, whose loop body XLA counts once).
 `--scan-blocks` and `--remat` are `WuerstchenPrior`'s options of those names. Peak memory: the
 device allocator's peak (largest over local devices; n/a on the CPU). The table is appended to
-`<out-dir>/RESULTS.md` and one JSON row to `<out-dir>/results.jsonl` unless `--no-write`.
+`<out-dir>/RESULTS.md` and one JSON row to `<out-dir>/results.jsonl` unless `--no-write`, each batch size as soon as
+it is measured; one that runs out of device memory is written as such (`"out_of_memory": true`) and ends the run
+(give the sizes smallest first).
 `--compile-only` compiles the step against the abstract state and records the compile time, model FLOPs and XLA's
 buffer sizes (`memory_analysis`: temp and argument bytes) without allocating or timing anything: how much memory
 a batch size, `--scan-blocks` and `--remat` need, as that backend's compiler plans it.
@@ -264,6 +266,30 @@ def benchmark(a, state=None) -> tuple[dict, object]:
     return rec, state
 
 
+def is_out_of_memory(err: Exception) -> bool:
+    text = str(err)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def out_of_memory_record(a, batch: int, err: Exception) -> dict:
+    """The row of a batch size that did not fit: compiling or running it ran out of device memory."""
+    dev = jax.devices()[0]
+    rec = dict(implementation="wurst_jax", benchmark=BENCHMARK, device=dev.device_kind, platform=dev.platform)
+    rec.update(config=a.config, batch=batch, resolution=a.res, scan_blocks=a.scan_blocks, remat=a.remat)
+    rec.update(sharding=a.sharding if len(jax.devices()) > 1 else None, out_of_memory=True)
+    rec["error"] = str(err).strip().splitlines()[0][:500] if str(err).strip() else type(err).__name__
+    return rec
+
+
+def oom_markdown(rec: dict, argv: list[str]) -> str:
+    head = f"## Train step, Stage C · {rec['date']} · {rec['device']} · config `{rec['config']}`"
+    blocks = "+".join(name for name, on in (("scan", rec["scan_blocks"]), ("remat", rec["remat"])) if on)
+    return "\n".join([
+        head, "", f"Command: `python benchmarks/train_benchmark.py {shlex.join(argv)}`", "",
+        f"- batch {rec['batch']} ({blocks or 'unrolled'}): **out of device memory**: `{rec['error']}`", "",
+    ])  # fmt: skip
+
+
 def versions() -> dict:
     out = {"python": sys.version.split()[0]}
     for name in ("jax", "jaxlib", "flax", "optax"):
@@ -370,9 +396,14 @@ def main(argv=None) -> dict | list[dict]:
         return rec
     records, state = [], None
     for batch in a.batches:
-        rec, state = benchmark(argparse.Namespace(**{**vars(a), "batch": batch}), state)
+        try:
+            rec, state = benchmark(argparse.Namespace(**{**vars(a), "batch": batch}), state)
+        except Exception as err:  # jax's runtime error type moved between versions; the status text did not
+            if not is_out_of_memory(err):
+                raise
+            rec, state = out_of_memory_record(a, batch, err), None
         rec.update(date=gb.utc_now(), versions=versions(), command=shlex.join(argv))
-        text = markdown(rec, argv)
+        text = markdown(rec, argv) if "out_of_memory" not in rec else oom_markdown(rec, argv)
         print(text)
         if not a.no_write:  # each batch size as soon as it is measured: a run cut short keeps what it had
             out = Path(a.out_dir)
@@ -380,6 +411,9 @@ def main(argv=None) -> dict | list[dict]:
             with (out / "results.jsonl").open("a") as f:
                 f.write(json.dumps(rec) + "\n")
         records.append(rec)
+        if "out_of_memory" in rec:
+            progress(f"batch {batch}: out of memory; larger batch sizes are not tried")
+            break
     return records[0] if len(records) == 1 else records
 
 

@@ -115,3 +115,24 @@ def test_flax_init_gives_the_same_state_layout(tmp_path):
         recs.append(state)
     normal = jax.tree_util.tree_leaves(recs[1].params)
     assert all(0 < float(x.std()) < 0.03 for x in normal if x.size > 100)  # N(0, 0.02²), no zero-initialised leaf
+
+
+def test_out_of_memory_is_a_row_and_stops_the_sizes(tmp_path, monkeypatch):
+    """A batch size that does not fit is written as such; the smaller ones before it keep their figures."""
+    real = tb.benchmark
+
+    def fake(a, state=None):
+        if a.batch > 4:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123 bytes.\nmore")
+        return real(a, state)
+
+    monkeypatch.setattr(tb, "benchmark", fake)
+    recs = tb.main([*SMALL, "--devices", "1", "--batch", "4", "8", "16", "--out-dir", str(tmp_path)])
+    assert [r["batch"] for r in recs] == [4, 8] and recs[0]["samples_per_s"] > 0
+    assert recs[1]["out_of_memory"] and recs[1]["error"].startswith("RESOURCE_EXHAUSTED: Out of memory")
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["batch"] for r in rows] == [4, 8]
+    assert "batch 8 (unrolled): **out of device memory**" in (tmp_path / "RESULTS.md").read_text()
+    monkeypatch.setattr(tb, "benchmark", lambda a, state=None: (_ for _ in ()).throw(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):  # anything else still fails the run
+        tb.main([*SMALL, "--devices", "1", "--no-write"])
