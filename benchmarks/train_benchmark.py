@@ -225,6 +225,8 @@ def benchmark(a, state=None) -> tuple[dict, object]:
     progress(f"batch {a.batch}: train step compiled in {compile_s:.1f} s")
     n = len(b["devices"])
     total_flops = model_flops(a, b)
+    if total_flops is None and not (a.scan_blocks or a.remat):  # no cost analysis of a Lowered on this jax
+        total_flops = (xla_flops(compiled) or 0) * n or None
     per_device = total_flops and total_flops / n
     mem = compiled.memory_analysis()
     rec = dict(implementation="wurst_jax", benchmark=BENCHMARK, device=dev.device_kind, platform=dev.platform)
