@@ -128,7 +128,8 @@ def test_decoder_and_vqgan_finetunes_write_loadable_pipelines(small_decoder_pipe
     images = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
     emb = rng.standard_normal((2, 4, 4, 16)).astype(np.float32)
     write_shard(tmp_path / "data" / "a.npz", captions=np.array(CAPTIONS[:2]), images=images, image_embeddings=emb)
-    cfg = config(tmp_path, decoder_dir, tmp_path / "data", batch_size=2, b={"steps": 2}, save_dtype="bfloat16")
+    stage_b = {"steps": 2, "scan_blocks": True, "remat": True}  # a stage section may set the block options
+    cfg = config(tmp_path, decoder_dir, tmp_path / "data", batch_size=2, b=stage_b, save_dtype="bfloat16")
     assert main(["train", "--stage", "b", "--config", cfg]) == 0
     out = tmp_path / "out"
     assert [m["step"] for m in metrics(out)] == [1, 2]
@@ -213,8 +214,10 @@ def test_bad_images_and_configs(tiny_checkpoints, tmp_path, capsys):
         assert main(["train", "--stage", "c", "--config", cfg]) == 2
         assert message in capsys.readouterr().err
     cfg = config(tmp_path, decoder_dir, tmp_path / "d", scan_blocks=True)
-    assert main(["train", "--stage", "b", "--config", cfg]) == 2
-    assert "'scan_blocks' is an option of the prior (stage c), not of stage b" in capsys.readouterr().err
+    assert main(["train", "--stage", "a", "--config", cfg]) == 2
+    assert (
+        "'scan_blocks' is an option of the prior and the decoder (stages c, b), not stage a" in capsys.readouterr().err
+    )
     cfg = config(tmp_path, prior_dir, tmp_path / "empty")
     assert main(["train", "--stage", "c", "--config", cfg]) == 2
     assert "no .npz shards" in capsys.readouterr().err

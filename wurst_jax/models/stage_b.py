@@ -26,6 +26,7 @@ from wurst_jax.models.layers import (
     pixel_unshuffle,
     timestep_embedding,
 )
+from wurst_jax.models.repeat import apply_repeats
 from wurst_jax.models.resize import resize_bicubic_aa
 
 
@@ -90,20 +91,30 @@ class StageBConfig:
 
 
 class WuerstchenDiffNeXt(nn.Module):
-    """x [B, H, W, c_in], r [B], effnet [B, h, w, effnet_embd], clip [B, T, clip_embd] → noise [B, H, W, c_out]."""
+    """x [B, H, W, c_in], r [B], effnet [B, h, w, effnet_embd], clip [B, T, clip_embd] → noise [B, H, W, c_out].
+
+    Each level repeats its `level_config` sequence `blocks[level]` times (v2's third level: 14 × CTA on the way
+    down and up). `scan_blocks` runs a level's identical repeats as one `jax.lax.scan` and `remat` recomputes
+    each repeat in the backward pass (`models/repeat.py`); the first repeat of an up level, which also takes the
+    level's skip connection, runs on its own. The parameter tree and names stay diffusers' whatever the options.
+    """
 
     config: StageBConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    scan_blocks: bool = False
+    remat: bool = False
 
-    def _block(self, kind: str, level: int, c_skip: int, name: str) -> nn.Module:
+    def _block(self, kind: str, level: int, c_skip: int, name: str | None) -> nn.Module:
+        """The child `name`, or with `name` None an unbound block to `apply` (the repeats' functional path)."""
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
         c, drop = cfg.c_hidden[level], cfg.level_dropout[level]
+        kw = dict(name=name) if name is not None else dict(parent=None)
         if kind == "C":
-            return ResBlockStageB(c, c_skip, cfg.kernel_size, drop, dt, pdt, name=name)
+            return ResBlockStageB(c, c_skip, cfg.kernel_size, drop, dt, pdt, **kw)
         if kind == "A":
-            return AttnBlock(c, cfg.c_cond, cfg.nhead[level], True, drop, dt, pdt, name=name)
-        return TimestepBlock(c, dt, pdt, name=name)
+            return AttnBlock(c, cfg.c_cond, cfg.nhead[level], True, drop, dt, pdt, **kw)
+        return TimestepBlock(c, dt, pdt, **kw)
 
     def _effnet(self, effnet: jax.Array, index: int, size: tuple[int, int]) -> jax.Array:
         resized = resize_bicubic_aa(effnet, size).astype(self.dtype)
@@ -128,6 +139,24 @@ class WuerstchenDiffNeXt(nn.Module):
                 return block(x, clip, deterministic)
             return block(x, r_embed)
 
+        functional = (self.scan_blocks or self.remat) and not self.is_initializing()
+
+        def repeats(x, level, prefix, j, reps, c_skip, skip):
+            """Repeats `reps` of `level` (children `prefix_{j}` on) through `apply_repeats`."""
+            kinds = cfg.level_config[level]
+            blocks = [self._block(kind, level, c_skip, None) for kind in kinds]
+
+            def call(block, variables, x, rngs):
+                if isinstance(block, ResBlockStageB):
+                    return block.apply(variables, x, skip, deterministic, rngs=rngs)
+                if isinstance(block, AttnBlock):
+                    return block.apply(variables, x, clip, deterministic, rngs=rngs)
+                return block.apply(variables, x, r_embed)
+
+            names = [[f"{prefix}_{j + r * len(kinds) + k}" for k in range(len(kinds))] for r in range(len(reps))]
+            kw = dict(scan=self.scan_blocks, remat=self.remat, deterministic=deterministic)
+            return apply_repeats(self, x, names, blocks, call, **kw)
+
         level_outputs = []
         for i in range(n):
             j = 0
@@ -135,11 +164,14 @@ class WuerstchenDiffNeXt(nn.Module):
                 x = conv(cfg.c_hidden[i], 2, f"down_blocks_{i}_0_1", dt, pdt, stride=2)(layer_norm(x))
                 j = 1
             effnet_c = self._effnet(effnet, i, x.shape[1:3]) if cfg.inject_effnet[i] else None
-            for _ in range(cfg.blocks[i]):
-                for kind in cfg.level_config[i]:
-                    c_skip = cfg.c_cond if cfg.inject_effnet[i] else 0
-                    x = run(self._block(kind, i, c_skip, f"down_blocks_{i}_{j}"), x, effnet_c)
-                    j += 1
+            c_skip = cfg.c_cond if cfg.inject_effnet[i] else 0
+            if functional:
+                x = repeats(x, i, f"down_blocks_{i}", j, range(cfg.blocks[i]), c_skip, effnet_c)
+            else:
+                for _ in range(cfg.blocks[i]):
+                    for kind in cfg.level_config[i]:
+                        x = run(self._block(kind, i, c_skip, f"down_blocks_{i}_{j}"), x, effnet_c)
+                        j += 1
             level_outputs.insert(0, x)
 
         x = level_outputs[0]
@@ -147,7 +179,8 @@ class WuerstchenDiffNeXt(nn.Module):
             i = n - 1 - u
             effnet_c = self._effnet(effnet, n + u, x.shape[1:3]) if cfg.inject_effnet[i] else None
             j = 0
-            for rep in range(cfg.blocks[i]):
+            own = cfg.blocks[i] if not functional else 1 if u > 0 else 0  # repeats run on their own, from 0
+            for rep in range(own):
                 for k, kind in enumerate(cfg.level_config[i]):
                     first = u > 0 and rep == 0 and k == 0
                     c_skip = (cfg.c_hidden[i] if first else 0) + (cfg.c_cond if cfg.inject_effnet[i] else 0)
@@ -155,6 +188,10 @@ class WuerstchenDiffNeXt(nn.Module):
                     skip = jnp.concatenate(skips, axis=-1) if skips else None
                     x = run(self._block(kind, i, c_skip, f"up_blocks_{u}_{j}"), x, skip)
                     j += 1
+            if own < cfg.blocks[i]:
+                c_skip = cfg.c_cond if cfg.inject_effnet[i] else 0
+                x = repeats(x, i, f"up_blocks_{u}", j, range(own, cfg.blocks[i]), c_skip, effnet_c)
+                j += (cfg.blocks[i] - own) * len(cfg.level_config[i])
             if i > 0:
                 up = conv_transpose(cfg.c_hidden[i - 1], 2, 2, 0, f"up_blocks_{u}_{j}_1", dt, pdt)
                 x = up(layer_norm(x))

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from wurst_jax.models.layers import AttnBlock, ResBlock, TimestepBlock, conv, dense, layer_norm, timestep_embedding
+from wurst_jax.models.repeat import apply_repeats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,10 +46,10 @@ class WuerstchenPrior(nn.Module):
     whatever the execution options, so one parameter tree serves all of them:
     - `scan_blocks`: run the triples as one `jax.lax.scan` over their stacked parameters, so XLA compiles one
       triple instead of `depth` (the stack is a copy of the block parameters per call, in `param_dtype`).
-    - `remat`: rematerialise each triple in the backward pass (`jax.checkpoint`): activation memory of one triple
+    - `remat`: rematerialise each triple in the backward pass (`jax.checkpoint`): activations of one triple kept
       instead of `depth`, for one more forward in the step.
-    With either, dropout draws one key per triple from the "dropout" stream (masks differ from the default path's,
-    not their distribution); in deterministic mode the three paths compute the same function.
+    With either (`models/repeat.py`), dropout draws one key per block from the "dropout" stream (masks differ from
+    the default path's, not their distribution); in deterministic mode the paths compute the same function.
     """
 
     config: StageCConfig
@@ -87,24 +88,15 @@ class WuerstchenPrior(nn.Module):
 
     def _functional_blocks(self, x: jax.Array, r_embed: jax.Array, c_embed: jax.Array, deterministic: bool):
         """The triples applied functionally to this module's `blocks_*` parameters (scanned and/or remat)."""
-        depth = self.config.depth
         res, ts, attn = self._block_modules()
-        params = nn.meta.unbox(self.variables["params"])
-        triples = [tuple(params[f"blocks_{3 * i + k}"] for k in range(3)) for i in range(depth)]
-        keys = None if deterministic else jax.random.split(self.make_rng("dropout"), (depth, 2))
 
-        def triple(x, p, key):
-            rngs = lambda j: {} if key is None else {"dropout": key[j]}
-            x = res.apply({"params": p[0]}, x, deterministic=deterministic, rngs=rngs(0))
-            x = ts.apply({"params": p[1]}, x, r_embed)
-            return attn.apply({"params": p[2]}, x, c_embed, deterministic, rngs=rngs(1))
+        def call(block, variables, x, rngs):
+            if block is ts:
+                return ts.apply(variables, x, r_embed)
+            if block is res:
+                return res.apply(variables, x, deterministic=deterministic, rngs=rngs)
+            return attn.apply(variables, x, c_embed, deterministic, rngs=rngs)
 
-        if self.remat:  # inside scan the loop already keeps XLA from merging recompute and forward (jax docs)
-            triple = jax.checkpoint(triple, prevent_cse=not self.scan_blocks)
-        if not self.scan_blocks:
-            for i in range(depth):
-                x = triple(x, triples[i], None if keys is None else keys[i])
-            return x
-        stacked = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *triples)
-        x, _ = jax.lax.scan(lambda x, xs: (triple(x, *xs), None), x, (stacked, keys))
-        return x
+        names = [[f"blocks_{3 * i + k}" for k in range(3)] for i in range(self.config.depth)]
+        kw = dict(scan=self.scan_blocks, remat=self.remat, deterministic=deterministic)
+        return apply_repeats(self, x, names, (res, ts, attn), call, **kw)

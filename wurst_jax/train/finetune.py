@@ -65,7 +65,7 @@ PARTS = {  # what each stage loads from `init`
     "a": ("vqgan",),
 }
 FINETUNE_KEYS = ("init", "data", "dtype", "save_dtype", "sharding", "scan_blocks", "remat")
-PRIOR_OPTIONS = ("scan_blocks", "remat")  # `WuerstchenPrior` execution options: stage c only
+BLOCK_OPTIONS = ("scan_blocks", "remat")  # execution options of the prior and the decoder: stages c and b
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _RUN_ARTEFACTS = ("ckpt_", "metrics.jsonl", ".")  # never copied from `init` (it may be an earlier run's out/)
 _TMP = ".pipeline.tmp"
@@ -81,8 +81,8 @@ class FinetuneConfig:
     dtype: str = "float32"  # compute dtype
     save_dtype: str = "float32"  # dtype of the exported component
     sharding: str | None = None  # "dp" or "fsdp" over all devices; None: one device
-    scan_blocks: bool = False  # stage c: the prior's blocks as one lax.scan (one block compiled)
-    remat: bool = False  # stage c: rematerialise each block triple in the backward pass (less activation memory)
+    scan_blocks: bool = False  # stages c, b: repeated blocks as one lax.scan (one repeat compiled)
+    remat: bool = False  # stages c, b: recompute each repeat in the backward pass (less activation memory)
 
 
 def is_finetune(raw: dict) -> bool:
@@ -113,11 +113,11 @@ def finetune_config(raw: dict, stage: str, name: str = "config") -> FinetuneConf
     for key in ("dtype", "save_dtype"):
         if merged.get(key, "float32") not in _DTYPES:
             raise ValueError(f"{name}: {key!r} must be one of {sorted(_DTYPES)}, got {merged[key]!r}")
-    for key in PRIOR_OPTIONS:
+    for key in BLOCK_OPTIONS:
         if not isinstance(merged.get(key, False), bool):
             raise ValueError(f"{name}: {key!r} must be true or false, got {merged[key]!r}")
-        if merged.get(key) and stage != "c":
-            raise ValueError(f"{name}: {key!r} is an option of the prior (stage c), not of stage {stage}")
+        if merged.get(key) and stage == "a":
+            raise ValueError(f"{name}: {key!r} is an option of the prior and the decoder (stages c, b), not stage a")
     if merged.get("sharding") not in (None, "dp", "fsdp"):
         raise ValueError(f"{name}: 'sharding' must be 'dp' or 'fsdp', got {merged['sharding']!r}")
     if "out" not in raw:
@@ -382,7 +382,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
 
     parts = load_parts(cfg, root, mesh)
     module, variables = parts[COMPONENT[stage]]
-    if stage == "c":  # same parameter tree, other execution
+    if stage != "a":  # same parameter tree, other execution
         module = module.clone(scan_blocks=cfg.scan_blocks, remat=cfg.remat)
     frozen = {p: v[1] for p, v in parts.items() if p not in (COMPONENT[stage], "tokenizer")}
     tokenizer = parts.get("tokenizer")
