@@ -1,4 +1,6 @@
-"""Train-step benchmark: Stage C (the ~1B-parameter Würstchen v2 prior) at 1024², random weights.
+"""Train-step benchmark: Stage C (the ~1B-parameter Würstchen v2 prior) at 1024², random weights; `--stage b`:
+the same for Stage B (the ~1B-parameter decoder: Stage A latents [B, res/4, res/4, 4], the semantic latents and
+CLIP ViT-H text states as conditions, `objectives.stage_b_loss` with 10 % conditioning dropout).
 
 Usage (repo root):  python benchmarks/train_benchmark.py --config v2 --batch 8 [--sharding fsdp] [--steps 10]
 One train step is the library's own: `objectives.stage_c_loss` (P2-weighted ε-MSE, dropout on) through
@@ -63,7 +65,7 @@ from wurst_jax.train.state import (  # noqa: E402
     state_shardings,
 )
 
-BENCHMARK = "train_step_stage_c"
+BENCHMARK = "train_step_stage_{}"
 TEXT_LEN = 77
 LR, WARMUP_SCHEDULE, EMA_DECAY, SEED = 1e-4, 100, 0.999, 0
 DEFAULTS = {"v2": dict(res=1024, batch=8), "small": dict(res=256, batch=8)}  # small: divides 8 fake CPU devices
@@ -80,20 +82,39 @@ def stage_c_config(name: str) -> wj.StageCConfig:
     raise ValueError(f"unknown config {name!r}")
 
 
+def stage_b_config(name: str) -> wj.StageBConfig:
+    """v2: the released decoder (1,055,365,280 params); small: two levels, two repeats at the second."""
+    if name == "v2":
+        return wj.StageBConfig.v2()
+    if name == "small":
+        kw = dict(c_hidden=(16, 32), nhead=(-1, 2), blocks=(1, 2), level_config=("CT", "CTA"))
+        return wj.StageBConfig(c_r=16, c_cond=32, clip_embd=32, inject_effnet=(False, True), **kw)
+    raise ValueError(f"unknown config {name!r}")
+
+
 def latent_side(res: int) -> int:
     return math.ceil(res / 42.67)  # the prior pipeline's latent grid: 24 at 1024²
 
 
 def build(a) -> dict:
     """Module, optimizer, train step, mesh and the abstract state with its shardings (nothing allocated yet)."""
-    cfg = stage_c_config(a.config)
-    module = wj.WuerstchenPrior(
-        cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32, scan_blocks=a.scan_blocks, remat=a.remat
-    )
-    tx = make_optimizer(LR, WARMUP_SCHEDULE)
+    options = dict(dtype=jnp.bfloat16, param_dtype=jnp.float32, scan_blocks=a.scan_blocks, remat=a.remat)
+    if a.stage == "b":
+        cfg = stage_b_config(a.config)
+        module = wj.WuerstchenDiffNeXt(cfg, **options)
+        empty_clip = jnp.zeros((1, TEXT_LEN, cfg.clip_embd), jnp.float32)  # the dropped-text states
 
-    def loss_fn(params, batch_stats, rng, batch):
-        return objectives.stage_c_loss(module, params, rng, batch["latents"], batch["clip"]), {}
+        def loss_fn(params, batch_stats, rng, batch):
+            args = (batch["latents"], batch["effnet"], batch["clip"], empty_clip)
+            return objectives.stage_b_loss(module, params, rng, *args), {}
+    else:
+        cfg = stage_c_config(a.config)
+        module = wj.WuerstchenPrior(cfg, **options)
+
+        def loss_fn(params, batch_stats, rng, batch):
+            return objectives.stage_c_loss(module, params, rng, batch["latents"], batch["clip"]), {}
+
+    tx = make_optimizer(LR, WARMUP_SCHEDULE)
 
     def init_state(key):
         inputs = [jnp.zeros(x.shape, x.dtype) for x in example_inputs(module)]
@@ -101,11 +122,18 @@ def build(a) -> dict:
         return create_state(params, tx, SEED)
 
     devices = jax.devices()[: a.devices] if a.devices else jax.devices()
-    h = latent_side(a.res)
-    batch_shapes = {
-        "latents": jax.ShapeDtypeStruct((a.batch, h, h, cfg.c_in), jnp.float32),
-        "clip": jax.ShapeDtypeStruct((a.batch, TEXT_LEN, cfg.c_cond), jnp.float32),
-    }
+    h, f32 = latent_side(a.res), jnp.float32
+    if a.stage == "b":  # Stage A latents (4× down), the semantic latents, CLIP ViT-H text states
+        batch_shapes = {
+            "latents": jax.ShapeDtypeStruct((a.batch, a.res // 4, a.res // 4, cfg.c_in), f32),
+            "effnet": jax.ShapeDtypeStruct((a.batch, h, h, cfg.effnet_embd), f32),
+            "clip": jax.ShapeDtypeStruct((a.batch, TEXT_LEN, cfg.clip_embd), f32),
+        }
+    else:
+        batch_shapes = {
+            "latents": jax.ShapeDtypeStruct((a.batch, h, h, cfg.c_in), f32),
+            "clip": jax.ShapeDtypeStruct((a.batch, TEXT_LEN, cfg.c_cond), f32),
+        }
     abstract = jax.eval_shape(init_state, jax.random.key(SEED))
     out = dict(cfg=cfg, module=module, tx=tx, init_state=init_state, devices=devices, abstract=abstract)
     out.update(step=make_train_step(loss_fn, tx, EMA_DECAY), batch_shapes=batch_shapes, mesh=None)
@@ -229,8 +257,9 @@ def benchmark(a, state=None) -> tuple[dict, object]:
         total_flops = (xla_flops(compiled) or 0) * n or None
     per_device = total_flops and total_flops / n
     mem = compiled.memory_analysis()
-    rec = dict(implementation="wurst_jax", benchmark=BENCHMARK, device=dev.device_kind, platform=dev.platform)
-    rec.update(n_devices=n, sharding=b["sharding"], config=a.config, stage_c=dataclasses.asdict(b["cfg"]))
+    rec = dict(implementation="wurst_jax", benchmark=BENCHMARK.format(a.stage), stage=a.stage)
+    rec.update(device=dev.device_kind, platform=dev.platform, n_devices=n, sharding=b["sharding"], config=a.config)
+    rec[f"stage_{a.stage}"] = dataclasses.asdict(b["cfg"])
     rec.update(batch=a.batch, resolution=a.res, latent_shape=list(b["batch_shapes"]["latents"].shape))
     rec.update(text_shape=list(b["batch_shapes"]["clip"].shape), dtype="bf16 compute, f32 params")
     rec.update(compile_only=a.compile_only, compile_s=compile_s, state_init_s=init_s, init=a.init)
@@ -276,15 +305,23 @@ def is_out_of_memory(err: Exception) -> bool:
 def out_of_memory_record(a, batch: int, err: Exception) -> dict:
     """The row of a batch size that did not fit: compiling or running it ran out of device memory."""
     dev = jax.devices()[0]
-    rec = dict(implementation="wurst_jax", benchmark=BENCHMARK, device=dev.device_kind, platform=dev.platform)
-    rec.update(config=a.config, batch=batch, resolution=a.res, scan_blocks=a.scan_blocks, remat=a.remat)
+    rec = dict(implementation="wurst_jax", benchmark=BENCHMARK.format(a.stage), stage=a.stage)
+    rec.update(
+        device=dev.device_kind,
+        platform=dev.platform,
+        config=a.config,
+        batch=batch,
+        resolution=a.res,
+        scan_blocks=a.scan_blocks,
+        remat=a.remat,
+    )
     rec.update(sharding=a.sharding if len(jax.devices()) > 1 else None, out_of_memory=True)
     rec["error"] = str(err).strip().splitlines()[0][:500] if str(err).strip() else type(err).__name__
     return rec
 
 
 def oom_markdown(rec: dict, argv: list[str]) -> str:
-    head = f"## Train step, Stage C · {rec['date']} · {rec['device']} · config `{rec['config']}`"
+    head = f"## Train step, Stage {rec['stage'].upper()} · {rec['date']} · {rec['device']} · config `{rec['config']}`"
     blocks = "+".join(name for name, on in (("scan", rec["scan_blocks"]), ("remat", rec["remat"])) if on)
     return "\n".join([
         head, "", f"Command: `python benchmarks/train_benchmark.py {shlex.join(argv)}`", "",
@@ -309,7 +346,8 @@ def _bytes(x) -> str:
 
 
 def markdown(rec: dict, argv: list[str]) -> str:
-    head = f"## Train step, Stage C · {rec['date']} · {rec['device']} × {rec['n_devices']} · config `{rec['config']}`"
+    head = f"## Train step, Stage {rec['stage'].upper()} · {rec['date']} · {rec['device']} × {rec['n_devices']}"
+    head += f" · config `{rec['config']}`"
     vers = " · ".join(f"{k} {v}" for k, v in rec["versions"].items()) + f" · {os.cpu_count()} host CPUs"
     mfu = "–" if rec["mfu"] is None else f"{rec['mfu']:.1%} / {rec['mfu_vs_measured_peak']:.1%}"
     gflop = "–" if rec["flops_per_step"] is None else f"{rec['flops_per_step'] / 1e9:,.1f}"
@@ -353,6 +391,7 @@ def markdown(rec: dict, argv: list[str]) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--stage", choices=["c", "b"], default="c", help="c: the prior (default); b: the decoder")
     ap.add_argument("--config", choices=list(DEFAULTS), default="v2")
     ap.add_argument(
         "--batch", type=int, nargs="+", default=None, help="global batch per step, one or more (default: 8)"
@@ -390,7 +429,7 @@ def main(argv=None) -> dict | list[dict]:
     if a.dry_run:
         rec = dry_run(a)
         print(
-            f"Stage C `{a.config}`: {rec['params']:,} params; train state (params, Adam μ/ν, EMA) "
+            f"Stage {a.stage.upper()} `{a.config}`: {rec['params']:,} params; train state (params, Adam μ/ν, EMA) "
             f"{_bytes(rec['state_bytes'])}, {_bytes(rec['state_bytes_per_device'])} per device on "
             f"{rec['n_devices']} device(s) (sharding {rec['sharding'] or 'none'}); latents {rec['latent_shape']}, "
             f"text {rec['text_shape']}"
