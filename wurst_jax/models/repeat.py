@@ -17,8 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# call(block, variables, x, rngs) -> x: apply one unbound block with its other inputs (skip, conditioning) bound
-BlockCall = Callable[[nn.Module, dict, jax.Array, dict], jax.Array]
+# args(block) -> the block's inputs after x (skip, conditioning, deterministic), the same for every repeat
+BlockArgs = Callable[[nn.Module], tuple]
 
 
 def apply_repeats(
@@ -26,7 +26,7 @@ def apply_repeats(
     x: jax.Array,
     names: Sequence[Sequence[str]],
     blocks: Sequence[nn.Module],
-    call: BlockCall,
+    args: BlockArgs,
     *,
     scan: bool,
     remat: bool,
@@ -40,7 +40,8 @@ def apply_repeats(
 
     def body(x: jax.Array, p: tuple[Any, ...], key: jax.Array | None) -> jax.Array:
         for k, block in enumerate(blocks):
-            x = call(block, {"params": p[k]}, x, {} if key is None else {"dropout": key[k]})
+            rngs = {} if key is None else {"dropout": key[k]}
+            x = block.apply({"params": p[k]}, x, *args(block), rngs=rngs)
         return x
 
     if remat:  # inside scan the loop already keeps XLA from merging recompute and forward (jax docs)

@@ -131,31 +131,25 @@ class WuerstchenDiffNeXt(nn.Module):
         x_in = x
         x = pixel_unshuffle(x.astype(dt), cfg.patch_size)
         x = layer_norm(conv(cfg.c_hidden[0], 1, "embedding_1", dt, pdt)(x))
+        effnet_skip = lambda level: cfg.c_cond if cfg.inject_effnet[level] else 0  # noqa: E731  (channels)
+
+        def args(block, skip) -> tuple:  # each block's inputs after x
+            if isinstance(block, ResBlockStageB):
+                return skip, deterministic
+            return (clip, deterministic) if isinstance(block, AttnBlock) else (r_embed,)
 
         def run(block, x, skip):
-            if isinstance(block, ResBlockStageB):
-                return block(x, skip, deterministic)
-            if isinstance(block, AttnBlock):
-                return block(x, clip, deterministic)
-            return block(x, r_embed)
+            return block(x, *args(block, skip))
 
         functional = (self.scan_blocks or self.remat) and not self.is_initializing()
 
-        def repeats(x, level, prefix, j, reps, c_skip, skip):
+        def repeats(x, level, prefix, j, reps, skip):
             """Repeats `reps` of `level` (children `prefix_{j}` on) through `apply_repeats`."""
             kinds = cfg.level_config[level]
-            blocks = [self._block(kind, level, c_skip, None) for kind in kinds]
-
-            def call(block, variables, x, rngs):
-                if isinstance(block, ResBlockStageB):
-                    return block.apply(variables, x, skip, deterministic, rngs=rngs)
-                if isinstance(block, AttnBlock):
-                    return block.apply(variables, x, clip, deterministic, rngs=rngs)
-                return block.apply(variables, x, r_embed)
-
+            blocks = [self._block(kind, level, effnet_skip(level), None) for kind in kinds]
             names = [[f"{prefix}_{j + r * len(kinds) + k}" for k in range(len(kinds))] for r in range(len(reps))]
             kw = dict(scan=self.scan_blocks, remat=self.remat, deterministic=deterministic)
-            return apply_repeats(self, x, names, blocks, call, **kw)
+            return apply_repeats(self, x, names, blocks, lambda block: args(block, skip), **kw)
 
         level_outputs = []
         for i in range(n):
@@ -164,13 +158,12 @@ class WuerstchenDiffNeXt(nn.Module):
                 x = conv(cfg.c_hidden[i], 2, f"down_blocks_{i}_0_1", dt, pdt, stride=2)(layer_norm(x))
                 j = 1
             effnet_c = self._effnet(effnet, i, x.shape[1:3]) if cfg.inject_effnet[i] else None
-            c_skip = cfg.c_cond if cfg.inject_effnet[i] else 0
             if functional:
-                x = repeats(x, i, f"down_blocks_{i}", j, range(cfg.blocks[i]), c_skip, effnet_c)
+                x = repeats(x, i, f"down_blocks_{i}", j, range(cfg.blocks[i]), effnet_c)
             else:
                 for _ in range(cfg.blocks[i]):
                     for kind in cfg.level_config[i]:
-                        x = run(self._block(kind, i, c_skip, f"down_blocks_{i}_{j}"), x, effnet_c)
+                        x = run(self._block(kind, i, effnet_skip(i), f"down_blocks_{i}_{j}"), x, effnet_c)
                         j += 1
             level_outputs.insert(0, x)
 
@@ -183,14 +176,13 @@ class WuerstchenDiffNeXt(nn.Module):
             for rep in range(own):
                 for k, kind in enumerate(cfg.level_config[i]):
                     first = u > 0 and rep == 0 and k == 0
-                    c_skip = (cfg.c_hidden[i] if first else 0) + (cfg.c_cond if cfg.inject_effnet[i] else 0)
+                    c_skip = (cfg.c_hidden[i] if first else 0) + effnet_skip(i)
                     skips = ([level_outputs[u]] if first else []) + ([effnet_c] if effnet_c is not None else [])
                     skip = jnp.concatenate(skips, axis=-1) if skips else None
                     x = run(self._block(kind, i, c_skip, f"up_blocks_{u}_{j}"), x, skip)
                     j += 1
             if own < cfg.blocks[i]:
-                c_skip = cfg.c_cond if cfg.inject_effnet[i] else 0
-                x = repeats(x, i, f"up_blocks_{u}", j, range(own, cfg.blocks[i]), c_skip, effnet_c)
+                x = repeats(x, i, f"up_blocks_{u}", j, range(own, cfg.blocks[i]), effnet_c)
                 j += (cfg.blocks[i] - own) * len(cfg.level_config[i])
             if i > 0:
                 up = conv_transpose(cfg.c_hidden[i - 1], 2, 2, 0, f"up_blocks_{u}_{j}_1", dt, pdt)

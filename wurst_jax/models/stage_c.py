@@ -66,12 +66,20 @@ class WuerstchenPrior(nn.Module):
         c_embed = dense(cfg.c, "cond_mapper_0", dt, pdt)(c.astype(dt))
         c_embed = dense(cfg.c, "cond_mapper_2", dt, pdt)(nn.leaky_relu(c_embed, 0.2))
         r_embed = timestep_embedding(r, cfg.c_r)
+
+        def args(block: nn.Module) -> tuple:  # each block's inputs after x
+            if isinstance(block, ResBlock):
+                return None, deterministic
+            return (c_embed, deterministic) if isinstance(block, AttnBlock) else (r_embed,)
+
         if (self.scan_blocks or self.remat) and not self.is_initializing():
-            x = self._functional_blocks(x, r_embed, c_embed, deterministic)
+            names = [[f"blocks_{3 * i + k}" for k in range(3)] for i in range(cfg.depth)]
+            kw = dict(scan=self.scan_blocks, remat=self.remat, deterministic=deterministic)
+            x = apply_repeats(self, x, names, self._block_modules(), args, **kw)
         else:
             for i in range(cfg.depth):
-                res, ts, attn = self._block_modules(i)
-                x = attn(ts(res(x, deterministic=deterministic), r_embed), c_embed, deterministic)
+                for block in self._block_modules(i):
+                    x = block(x, *args(block))
         out = conv(cfg.c_in * 2, 1, "out_1", dt, pdt, zero_init=True)(layer_norm(x)).astype(jnp.float32)
         a, b = jnp.split(out, 2, axis=-1)
         return ((x_in.astype(jnp.float32) - a) / (jnp.abs(1 - b) + 1e-5)).astype(x_in.dtype)
@@ -85,18 +93,3 @@ class WuerstchenPrior(nn.Module):
             TimestepBlock(cfg.c, dt, pdt, **kw[1]),
             AttnBlock(cfg.c, cfg.c, cfg.nhead, True, cfg.dropout, dt, pdt, **kw[2]),
         )
-
-    def _functional_blocks(self, x: jax.Array, r_embed: jax.Array, c_embed: jax.Array, deterministic: bool):
-        """The triples applied functionally to this module's `blocks_*` parameters (scanned and/or remat)."""
-        res, ts, attn = self._block_modules()
-
-        def call(block, variables, x, rngs):
-            if block is ts:
-                return ts.apply(variables, x, r_embed)
-            if block is res:
-                return res.apply(variables, x, deterministic=deterministic, rngs=rngs)
-            return attn.apply(variables, x, c_embed, deterministic, rngs=rngs)
-
-        names = [[f"blocks_{3 * i + k}" for k in range(3)] for i in range(self.config.depth)]
-        kw = dict(scan=self.scan_blocks, remat=self.remat, deterministic=deterministic)
-        return apply_repeats(self, x, names, (res, ts, attn), call, **kw)
