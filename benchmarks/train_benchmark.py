@@ -14,12 +14,12 @@ by jits with `out_shardings` (never the full tree on one device first; `--init`,
 device: no mesh.
 Timing: explicit lower + compile (`compile_s`), `--warmup` steps, then `--steps` steps dispatched back to back and
 timed to `block_until_ready` of the last state. FLOPs are model FLOPs: XLA's `cost_analysis()` of the lowered,
-unpartitioned step of the plain prior (blocks unrolled, no remat; forward + backward + optimizer + EMA), whatever
+unpartitioned step of the plain model (blocks unrolled, no remat; forward + backward + optimizer + EMA), whatever
 `--scan-blocks` / `--remat` run, so a rematerialised forward is not counted as useful work and a scanned body is
 not counted once; per device = that / devices. MFU = per-device model FLOPs per step / step time / the device's
 dense bf16 peak (`generate_benchmark.device_peak`, or `--peak-tflops`). `xla_flops_per_device_step` is the compiled
 program's own count (remat recompute included; None with `--scan-blocks`, whose loop body XLA counts once).
-`--scan-blocks` and `--remat` are `WuerstchenPrior`'s options of those names. Peak memory: the
+`--scan-blocks` and `--remat` are the models' options of those names. Peak memory: the
 device allocator's peak (largest over local devices; n/a on the CPU). The table is appended to
 `<out-dir>/RESULTS.md` and one JSON row to `<out-dir>/results.jsonl` unless `--no-write`, each batch size as soon as
 it is measured; one that runs out of device memory is written as such (`"out_of_memory": true`) and ends the run
@@ -185,7 +185,7 @@ def xla_flops(stage) -> float | None:
 
 
 def model_flops(a, b) -> float | None:
-    """Global FLOPs of one step of the plain prior (unrolled, no remat) at this batch: lowered, never compiled."""
+    """Global FLOPs of one step of the plain model (unrolled, no remat) at this batch: lowered, never compiled."""
     plain = argparse.Namespace(**{**vars(a), "scan_blocks": False, "remat": False})
     p = b if not (a.scan_blocks or a.remat) else build(plain)
     return xla_flops(jax.jit(p["step"]).lower(p["abstract"], p["batch_shapes"]))
@@ -298,8 +298,11 @@ def benchmark(a, state=None) -> tuple[dict, object]:
 
 
 def is_out_of_memory(err: Exception) -> bool:
-    text = str(err)
-    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+    return "RESOURCE_EXHAUSTED" in str(err) or "out of memory" in str(err).lower()
+
+
+def blocks_label(rec: dict) -> str:
+    return "+".join(name for name, on in (("scan", rec["scan_blocks"]), ("remat", rec["remat"])) if on) or "unrolled"
 
 
 def out_of_memory_record(a, batch: int, err: Exception) -> dict:
@@ -322,10 +325,9 @@ def out_of_memory_record(a, batch: int, err: Exception) -> dict:
 
 def oom_markdown(rec: dict, argv: list[str]) -> str:
     head = f"## Train step, Stage {rec['stage'].upper()} · {rec['date']} · {rec['device']} · config `{rec['config']}`"
-    blocks = "+".join(name for name, on in (("scan", rec["scan_blocks"]), ("remat", rec["remat"])) if on)
     return "\n".join([
         head, "", f"Command: `python benchmarks/train_benchmark.py {shlex.join(argv)}`", "",
-        f"- batch {rec['batch']} ({blocks or 'unrolled'}): **out of device memory**: `{rec['error']}`", "",
+        f"- batch {rec['batch']} ({blocks_label(rec)}): **out of device memory**: `{rec['error']}`", "",
     ])  # fmt: skip
 
 
@@ -353,10 +355,9 @@ def markdown(rec: dict, argv: list[str]) -> str:
     gflop = "–" if rec["flops_per_step"] is None else f"{rec['flops_per_step'] / 1e9:,.1f}"
     cols = ["config", "blocks", "sharding", "devices", "batch", "latents", "s/step", "samples/s"]
     cols += ["MFU (spec / measured peak)", "GFLOP/step", "compile s", "peak mem", "state/device", "params"]
-    blocks = "+".join(name for name, on in (("scan", rec["scan_blocks"]), ("remat", rec["remat"])) if on) or "unrolled"
     cells = [
         rec["config"],
-        blocks,
+        blocks_label(rec),
         rec["sharding"] or "none",
         rec["n_devices"],
         rec["batch"],
@@ -404,8 +405,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument(
         "--init", choices=["normal", "flax"], default="normal", help="random weights: see make_state (default normal)"
     )
-    ap.add_argument("--scan-blocks", action="store_true", help="the prior's blocks as one lax.scan (compiles once)")
-    ap.add_argument("--remat", action="store_true", help="rematerialise each block triple in the backward pass")
+    ap.add_argument("--scan-blocks", action="store_true", help="repeated blocks as one lax.scan (one compiled)")
+    ap.add_argument("--remat", action="store_true", help="recompute each repeat in the backward pass")
     ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default: by device name)")
     ap.add_argument("--dry-run", action="store_true", help="shapes only: params and state bytes, no compile")
     ap.add_argument(
