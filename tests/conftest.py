@@ -6,6 +6,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -26,6 +27,87 @@ def randomize(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> tor
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
     return module.eval()
+
+
+def import_torchvision():
+    """`import torchvision`, tolerating operators that do not register.
+
+    torchvision 0.28's compiled operators (nms, roi_align, …) do not load beside the CPU torch 2.13 wheel, and
+    registering their fake kernels then raises while `torchvision` is imported. The model code the tests compare
+    with needs none of them, so only those registrations are skipped.
+    """
+    import torch.library
+
+    register_fake = torch.library.register_fake
+
+    def tolerant(*args, **kwargs):
+        decorate = register_fake(*args, **kwargs)
+
+        def apply(fn):
+            try:
+                return decorate(fn)
+            except RuntimeError:  # "operator torchvision::nms does not exist"
+                return fn
+
+        return apply
+
+    torch.library.register_fake = tolerant
+    try:
+        import torchvision
+    finally:
+        torch.library.register_fake = register_fake
+    return torchvision
+
+
+def torch_effnet(cfg=None, seed=0):
+    """The EfficientNet semantic encoder as diffusers' Würstchen training example defines it, on torchvision."""
+    from diffusers.configuration_utils import ConfigMixin, register_to_config
+    from diffusers.models.modeling_utils import ModelMixin
+
+    tv = import_torchvision()
+    from torchvision.models.efficientnet import EfficientNet, FusedMBConvConfig, MBConvConfig
+
+    class EfficientNetEncoder(ModelMixin, ConfigMixin):
+        @register_to_config
+        def __init__(self, c_latent=16, c_cond=1280, effnet="efficientnet_v2_s", mapper_affine=True):
+            super().__init__()
+            if effnet == "tiny":  # torchvision's EfficientNet on the test table
+                cfg = wj.EfficientNetConfig(effnet="tiny")
+                setting, c_in = [], cfg.stem
+                for kind, expand, kernel, stride, out, layers in cfg.stages:
+                    block = FusedMBConvConfig if kind == "fused" else MBConvConfig
+                    setting.append(block(expand, kernel, stride, c_in, out, layers))
+                    c_in = out
+                norm = functools.partial(torch.nn.BatchNorm2d, eps=1e-3)
+                self.backbone = EfficientNet(setting, 0.0, last_channel=c_cond, norm_layer=norm).features
+            else:
+                self.backbone = getattr(tv.models, effnet)().features
+            self.mapper = torch.nn.Sequential(
+                torch.nn.Conv2d(c_cond, c_latent, kernel_size=1, bias=False),
+                torch.nn.BatchNorm2d(c_latent, affine=mapper_affine),
+            )
+
+        def forward(self, x):
+            return self.mapper(self.backbone(x))
+
+    kw = dataclasses.asdict(cfg or wj.EfficientNetConfig.tiny())
+    model = EfficientNetEncoder(**kw)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # BatchNorm statistics and affine terms that are not identities
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                if m.affine:
+                    m.weight.copy_(1 + torch.randn(m.weight.shape, generator=g) * 0.1)
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+try:  # before transformers / diffusers look for it: they import torchvision when it is installed
+    import_torchvision()
+except ImportError:  # not installed: only the EfficientNet tests need it (.ci/run installs it)
+    pass
 
 
 def torch_prior(cfg=None, seed=0):

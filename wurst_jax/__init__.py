@@ -1,13 +1,16 @@
 """wurst_jax: Würstchen v2 text-to-image in JAX/Flax.
 
-The public surface: the text-to-image pipelines, the stage modules and their configs, `load_component` /
-`convert_state_dict` for PyTorch weights, and `WeightsError`, the exception every weight problem raises.
+The public surface: the text-to-image pipelines, the stage modules and their configs (and the EfficientNet
+semantic encoder the stages were trained on), `load_component` / `convert_state_dict` for PyTorch weights, and
+`WeightsError`, the exception every weight problem raises.
 """
 
 from wurst_jax.conversion import convert_checkpoint
 from wurst_jax.models import (
     CLIPTextConfig,
     CLIPTextModel,
+    EfficientNetConfig,
+    EfficientNetEncoder,
     PaellaVQModel,
     StageAConfig,
     StageBConfig,
@@ -41,6 +44,8 @@ __all__ = [
     "make_mesh",
     "CLIPTextConfig",
     "CLIPTextModel",
+    "EfficientNetConfig",
+    "EfficientNetEncoder",
     "PaellaVQModel",
     "StageAConfig",
     "StageBConfig",

@@ -10,6 +10,7 @@ from pathlib import Path
 from wurst_jax.conversion import add_convert_parser, run_convert
 from wurst_jax.scheduler import DEFAULT_STAGE_C_TIMESTEPS
 from wurst_jax.train.cli import add_train_parser, run_train
+from wurst_jax.train.prepare import add_prepare_parser, run_prepare
 
 _DTYPES = ("float32", "bfloat16")
 
@@ -131,9 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     _generate_parser(sub)
     add_convert_parser(sub)
     add_train_parser(sub)
+    add_prepare_parser(sub)
     args = parser.parse_args(argv)
-    if args.command == "convert":  # reports its own errors (exit 2) and interruptions (exit 130)
-        return run_convert(args)
+    if args.command in ("convert", "prepare-data"):  # report their own errors (exit 2) and interruptions (130)
+        return {"convert": run_convert, "prepare-data": run_prepare}[args.command](args)
     try:
         return {"generate": generate, "train": run_train}[args.command](args)
     except (ValueError, OSError) as e:  # bad input: one clear line, no traceback

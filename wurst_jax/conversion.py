@@ -4,10 +4,14 @@ SRC is a diffusers pipeline folder (`warp-ai/wuerstchen`, `warp-ai/wuerstchen-pr
 `prior_*` parts), one component folder (config.json + safetensors), an original Würstchen `.pt` checkpoint (read
 with `torch.load(weights_only=True)`: a pickle holding anything but tensors is refused) or a single original-layout
 `.safetensors` file; the last two have no config.json, so `stage` names the component and the official v2 config
-is used unless `config` is given. DST mirrors SRC: each component folder becomes `config.json` + `orbax/` (the
-variables, saved with orbax), everything else (tokenizer/, scheduler/, model_index.json) is copied, and
-`wurst_jax_manifest.json` records the source files' sha256, the dtype and the versions used. `load_component` and
-`WuerstchenPipeline.from_pretrained` load DST exactly as they load SRC.
+is used unless `config` is given. For `stage="effnet"` (the EfficientNet semantic encoder) the variant and the
+mapper's BatchNorm are read off the tensor names: Würstchen v2's `model_v2_stage_b.pt` keeps it under
+`effnet_state_dict`, Stable Cascade's `effnet_encoder.safetensors` holds it alone.
+
+DST mirrors SRC: each component folder becomes `config.json` + `orbax/` (the variables, saved with orbax),
+everything else (tokenizer/, scheduler/, model_index.json) is copied, and `wurst_jax_manifest.json` records the
+source files' sha256, the dtype and the versions used. `load_component` and `WuerstchenPipeline.from_pretrained`
+load DST exactly as they load SRC.
 
 The output is written into a temporary folder next to DST and renamed into place only when complete; on any
 failure, KeyboardInterrupt included, the temporary folder is removed and an existing DST is left untouched.
@@ -29,7 +33,6 @@ import re
 import shutil
 import sys
 import time
-import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,7 +43,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from wurst_jax.models import StageAConfig, StageBConfig, StageCConfig, abstract_variables
+from wurst_jax.models import EfficientNetConfig, StageAConfig, StageBConfig, StageCConfig, abstract_variables
+from wurst_jax.output_dir import check_destination, staged_folder
 from wurst_jax.weights import WeightsError, build_module, read_config
 from wurst_jax.weights.convert import TensorRef, convert
 from wurst_jax.weights.export import component_config
@@ -49,17 +53,23 @@ from wurst_jax.weights.orbax_io import ORBAX_DIR, save_variables
 from wurst_jax.weights.safetensors_io import SafetensorsFile, iter_tensors, weight_files
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-STAGES = ("prior", "decoder", "vqgan")
+STAGES = ("prior", "decoder", "vqgan", "effnet")
 MANIFEST = "wurst_jax_manifest.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
-_PRESETS = {"prior": StageCConfig, "decoder": StageBConfig, "vqgan": StageAConfig}
-_CLASS_STAGES = {"WuerstchenPrior": "prior", "WuerstchenDiffNeXt": "decoder", "PaellaVQModel": "vqgan"}
+_PRESETS = {"prior": StageCConfig, "decoder": StageBConfig, "vqgan": StageAConfig, "effnet": EfficientNetConfig}
+_CLASS_STAGES = {
+    "WuerstchenPrior": "prior",
+    "WuerstchenDiffNeXt": "decoder",
+    "PaellaVQModel": "vqgan",
+    "EfficientNetEncoder": "effnet",
+}
 # Tensor names that only one kind of checkpoint has (after `module.` / `_orig_mod.` prefixes are dropped).
 _MARKERS = (
     ("vqgan", re.compile(r"^vquantizer\.")),
     ("decoder", re.compile(r"^(effnet_mappers|clip_mapper)\.")),
     ("prior", re.compile(r"^cond_mapper\.")),
     ("text_encoder", re.compile(r"(^|\.)token_embedding\.")),
+    ("effnet", re.compile(r"^backbone\.\d+\.")),
 )
 
 
@@ -106,16 +116,10 @@ def convert_checkpoint(
     dtype_name = _dtype_name(dtype)
     if nonfinite not in ("error", "warn"):
         raise ValueError(f"nonfinite must be 'error' or 'warn', got {nonfinite!r}")
-    _check_destination(src, dst, overwrite)
+    check_destination(src, dst, overwrite)
     source_format, jobs, copies = _plan(src, components, stage, config)
     say = _say if progress else lambda _: None
-    try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-    except OSError as e:
-        raise OSError(f"{dst}: cannot write the output in {dst.parent} ({e.strerror or e})") from None
-    try:
+    with staged_folder(dst, overwrite) as tmp:
         report = {}
         for job in jobs:
             t0 = time.perf_counter()
@@ -125,10 +129,6 @@ def convert_checkpoint(
             (shutil.copytree if path.is_dir() else shutil.copy2)(path, tmp / path.name)
         manifest = _manifest(src, source_format, dtype_name, jobs, copies, report)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _commit(tmp, dst, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     say(f"wrote {dst}")
     return dst
 
@@ -202,9 +202,11 @@ def _file_plan(path: Path, stage: str | None, config: Any) -> tuple[str, list, l
         source = {k: TensorRef(f.shape(k), (lambda k=k: f.get(k))) for k in f.keys()}
         source_format = "original-safetensors"
     elif path.suffix in PICKLE_SUFFIXES:
-        from wurst_jax.weights.torch_pickle import read_torch_checkpoint
+        from wurst_jax.weights.torch_pickle import STATE_DICT_KEYS, read_torch_checkpoint
 
-        source, entry = read_torch_checkpoint(path)
+        # a Stage B training checkpoint holds the decoder and, under effnet_state_dict, the semantic encoder
+        entries = ("effnet_state_dict",) if stage == "effnet" else STATE_DICT_KEYS
+        source, entry = read_torch_checkpoint(path, entries)
         source_format = "original-pt"
     else:
         raise WeightsError(f"{path}: unknown checkpoint format (expected a folder, .safetensors or {PICKLE_SUFFIXES})")
@@ -217,13 +219,15 @@ def _file_plan(path: Path, stage: str | None, config: Any) -> tuple[str, list, l
     if detected is not None and detected != stage:
         example = next(k for k in source if dict(_MARKERS)[detected].search(k.removeprefix("module.")))
         raise WeightsError(f"{path}: --stage {stage}, but its tensors are a {detected} checkpoint's ({example!r})")
-    cfg = _stage_config(stage, config)
+    cfg = _stage_config(stage, config, list(source))
     job = _Job("", stage, cfg, source, dict.fromkeys(source, path), [path], str(path), None, entry)
     return source_format, [job], []
 
 
-def _stage_config(stage: str, config: Any) -> Any:
+def _stage_config(stage: str, config: Any, keys: Sequence[str] = ()) -> Any:
     cls = _PRESETS[stage]
+    if config is None and stage == "effnet":
+        return _effnet_config(keys)
     if config is None:
         return cls.v2()
     name = "--config"
@@ -246,6 +250,15 @@ def _stage_config(stage: str, config: Any) -> Any:
     if other != stage:
         raise WeightsError(f"{name}: a {raw['_class_name']} config, but --stage is {stage}")
     return config_from_dict(cls, raw, name)
+
+
+def _effnet_config(keys: Sequence[str]) -> EfficientNetConfig:
+    """EfficientNetV2-S or -L (the -L backbone has a 9th part, `backbone.8`), mapper BatchNorm affine or not."""
+    names = {k.removeprefix("module.").removeprefix("_orig_mod.") for k in keys}
+    large = any(k.startswith("backbone.8.") for k in names)
+    return EfficientNetConfig(
+        effnet="efficientnet_v2_l" if large else "efficientnet_v2_s", mapper_affine="mapper.1.weight" in names
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -316,34 +329,6 @@ def _host_place():
     return lambda path, arr, like: jax.device_put(arr.astype(like.dtype, copy=False), cpu)
 
 
-def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
-    if (dst.exists() or dst.is_symlink()) and not overwrite:
-        raise FileExistsError(f"{dst}: already exists; pass --overwrite (overwrite=True) to replace it")
-    s, d = src.resolve(), dst.resolve()
-    if s == d or s.is_relative_to(d) or d.is_relative_to(s):
-        raise ValueError(f"{dst}: the output must not be the source {src}, inside it, or contain it")
-
-
-def _commit(tmp: Path, dst: Path, overwrite: bool) -> None:
-    """Move the finished folder into place; an old DST is moved aside first and deleted only afterwards."""
-    if not (dst.exists() or dst.is_symlink()):
-        os.replace(tmp, dst)
-        return
-    if not overwrite:  # created while we were converting
-        raise FileExistsError(f"{dst}: appeared during the conversion; pass --overwrite to replace it")
-    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(dst, old)
-    try:
-        os.replace(tmp, dst)
-    except BaseException:
-        os.replace(old, dst)
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink()
-
-
 def _manifest(src: Path, source_format: str, dtype: str, jobs: list[_Job], copies: list[Path], report: dict) -> dict:
     base = src if src.is_dir() else src.parent
     files = [f for job in jobs for f in job.files]
@@ -410,7 +395,9 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST (once the new one is complete)")
     p.add_argument("--allow-nonfinite", action="store_true", help="convert NaN/Inf weights with a warning")
-    p.add_argument("--stage", choices=STAGES, help="component of a single .pt / .safetensors file")
+    p.add_argument(
+        "--stage", choices=STAGES, help="component of a single .pt / .safetensors file (effnet: the semantic encoder)"
+    )
     p.add_argument("--config", help="config.json path or JSON for a single file (default: the official v2 config)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p

@@ -1,4 +1,5 @@
-"""Flax modules of the three Würstchen stages and the CLIP text encoder (NHWC, no file access)."""
+"""Flax modules of the three Würstchen stages, the CLIP text encoder and the EfficientNet semantic encoder (NHWC,
+no file access)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from wurst_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from wurst_jax.models.effnet import EfficientNetConfig, EfficientNetEncoder
 from wurst_jax.models.stage_a import PaellaVQModel, StageAConfig
 from wurst_jax.models.stage_b import StageBConfig, WuerstchenDiffNeXt
 from wurst_jax.models.stage_c import StageCConfig, WuerstchenPrior
@@ -34,6 +36,8 @@ def example_inputs(module: nn.Module) -> tuple[jax.ShapeDtypeStruct, ...]:
         return (s((1, n, n, cfg.in_channels), f32),)
     if isinstance(module, CLIPTextModel):
         return s((1, 4), jnp.int32), s((1, 4), jnp.int32)
+    if isinstance(module, EfficientNetEncoder):
+        return (s((1, 32, 32, 3), f32),)
     raise TypeError(f"not a wurst_jax model: {type(module).__name__}")
 
 
@@ -50,6 +54,8 @@ def param_count(module: nn.Module) -> int:
 __all__ = [
     "CLIPTextConfig",
     "CLIPTextModel",
+    "EfficientNetConfig",
+    "EfficientNetEncoder",
     "PaellaVQModel",
     "StageAConfig",
     "StageBConfig",

@@ -25,13 +25,21 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
-from wurst_jax.models import CLIPTextModel, PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior, abstract_variables
+from wurst_jax.models import (
+    CLIPTextModel,
+    EfficientNetEncoder,
+    PaellaVQModel,
+    WuerstchenDiffNeXt,
+    WuerstchenPrior,
+    abstract_variables,
+)
 from wurst_jax.weights.convert import _torch_shape, flax_candidates
 from wurst_jax.weights.errors import WeightsError
 
 Path_ = tuple[str, ...]
 
-_DIFFUSERS_CLASSES = {c: c.__name__ for c in (WuerstchenPrior, WuerstchenDiffNeXt, PaellaVQModel)}  # same names
+# same names as the PyTorch classes (EfficientNetEncoder: the one in diffusers' Würstchen training example)
+_DIFFUSERS_CLASSES = {c: c.__name__ for c in (WuerstchenPrior, WuerstchenDiffNeXt, PaellaVQModel, EfficientNetEncoder)}
 _LEAVES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 _STATS = {"mean": "running_mean", "var": "running_var"}
 _INDEX_SUFFIX = re.compile(r"((?:_\d+)+)$")

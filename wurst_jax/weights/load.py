@@ -22,6 +22,8 @@ from jax.sharding import Mesh
 from wurst_jax.models import (
     CLIPTextConfig,
     CLIPTextModel,
+    EfficientNetConfig,
+    EfficientNetEncoder,
     PaellaVQModel,
     StageAConfig,
     StageBConfig,
@@ -42,6 +44,7 @@ _KINDS: dict[str, tuple[type[nn.Module], type, str, tuple[str, ...], str]] = {
     "decoder": (WuerstchenDiffNeXt, StageBConfig, "diffusion_pytorch_model", (), ""),
     "vqgan": (PaellaVQModel, StageAConfig, "diffusion_pytorch_model", (), ""),
     "text_encoder": (CLIPTextModel, CLIPTextConfig, "model", (r"position_ids$", r"^text_projection\."), "text_model."),
+    "effnet": (EfficientNetEncoder, EfficientNetConfig, "diffusion_pytorch_model", (), ""),
 }
 _CLASS_NAMES = {
     "WuerstchenPrior": "prior",
@@ -49,6 +52,7 @@ _CLASS_NAMES = {
     "PaellaVQModel": "vqgan",
     "CLIPTextModel": "text_encoder",
     "CLIPTextModelWithProjection": "text_encoder",
+    "EfficientNetEncoder": "effnet",
 }
 KINDS = tuple(_KINDS)
 
@@ -114,7 +118,7 @@ def load_component(
     mesh: Mesh | None = None,
     sharding: str | None = None,
 ) -> tuple[nn.Module, dict]:
-    """Load a component folder (prior/, decoder/, vqgan/, text_encoder/) as `(module, variables)`.
+    """Load a component folder (prior/, decoder/, vqgan/, text_encoder/, an effnet) as `(module, variables)`.
 
     `dtype` is the compute dtype; parameters are stored in `param_dtype` (default: `dtype`). Tensors are read
     one at a time; every key and shape is checked before the first is read. A converted folder (`orbax/` next to

@@ -23,8 +23,13 @@ from wurst_jax.weights.errors import WeightsError
 STATE_DICT_KEYS = ("ema_state_dict", "state_dict", "model_state_dict", "model")
 
 
-def read_torch_checkpoint(path: str | os.PathLike) -> tuple[dict[str, TensorRef], str]:
+def read_torch_checkpoint(
+    path: str | os.PathLike, entries: tuple[str, ...] = STATE_DICT_KEYS
+) -> tuple[dict[str, TensorRef], str]:
     """A `.pt` file → (tensor refs by name, which entry they came from: 'ema_state_dict', … or '' for the top level).
+
+    `entries`: the entries that may hold the state dict, in order of preference (a flat dict of tensors is taken
+    when none is there).
 
     Raises `WeightsError` for a file that is not a torch checkpoint, that holds objects other than tensors and
     containers (refused, nothing executed), or that holds no state dict of tensors.
@@ -46,7 +51,7 @@ def read_torch_checkpoint(path: str | os.PathLike) -> tuple[dict[str, TensorRef]
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
         raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
-    state_dict, entry = _find_state_dict(obj, path, torch.Tensor)
+    state_dict, entry = _find_state_dict(obj, path, torch.Tensor, entries)
     return state_dict_source(state_dict), entry
 
 
@@ -58,16 +63,16 @@ def _reason(e: Exception) -> str:
     return "; ".join(keep) or type(e).__name__
 
 
-def _find_state_dict(obj: Any, path: Path, tensor_type: type) -> tuple[dict[str, Any], str]:
+def _find_state_dict(obj: Any, path: Path, tensor_type: type, entries: tuple[str, ...]) -> tuple[dict[str, Any], str]:
     if not isinstance(obj, Mapping):
         raise WeightsError(f"{path}: expected a dict (a state dict or a checkpoint with one), got {type(obj).__name__}")
-    for entry in STATE_DICT_KEYS:
+    for entry in entries:
         if isinstance(obj.get(entry), Mapping):
             return _tensors_only(obj[entry], path, tensor_type, entry), entry
     if obj and all(isinstance(v, tensor_type) for v in obj.values()):
         return dict(obj), ""
     raise WeightsError(
-        f"{path}: no state dict found: expected one of the entries {list(STATE_DICT_KEYS)} or a flat dict of "
+        f"{path}: no state dict found: expected one of the entries {list(entries)} or a flat dict of "
         f"tensors; top-level keys are {sorted(map(str, obj))[:20]}"
     )
 

@@ -1,0 +1,259 @@
+"""`wurst-jax prepare-data SRC OUT --effnet DIR`: a folder of captioned images → the `.npz` shards that
+`wurst-jax train` fine-tunes Stage C (and, with `--images`, Stage B or A) on.
+
+SRC holds images (.png, .jpg, .jpeg, .webp, .bmp; subfolders included) with their captions either in a
+`metadata.jsonl` (one JSON object per line with `file_name`, relative to SRC, and the caption under `text`, as
+Hugging Face's `imagefolder` reads it) or, without one, in a `.txt` file beside each image (`cat.png` +
+`cat.txt`). Each image is turned upright (EXIF orientation), resized so its shorter side is `resolution`
+(antialiased bilinear) and centre-cropped to `resolution`², as diffusers' Würstchen training scripts do. The
+EfficientNet semantic encoder (`--effnet`: a folder `load_component` reads, e.g. one converted from Würstchen v2's
+`model_v2_stage_b.pt` with `wurst-jax convert ... --stage effnet`) sees the crop at 32 · ceil(resolution / 42.67)
+pixels — 768² for 1024², the 3/4 scale the original training used — and gives the `image_embeddings` on the
+prior's grid (24 × 24 at 1024², what `WuerstchenPriorPipeline` outputs for that size).
+
+OUT receives `shard-00000.npz`, … (`shard_size` samples each: `captions`, `image_embeddings` float32
+[N, g, g, 16] and, with `images`, the uint8 crops [N, R, R, 3]) and `wurst_jax_data.json` (what was made from
+what). It is written into a temporary folder and renamed into place when complete, so a failure or Ctrl-C
+leaves no OUT behind and an existing one untouched. Bad input — an image without a caption, a file that is not
+an image, a broken metadata line, an encoder folder that is not an EfficientNet — stops the run with one error
+naming the file, and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from wurst_jax.models import EfficientNetEncoder
+from wurst_jax.models.effnet import normalize
+from wurst_jax.output_dir import check_destination, staged_folder
+from wurst_jax.weights import WeightsError, load_component, read_config
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+METADATA = "metadata.jsonl"
+MANIFEST = "wurst_jax_data.json"
+RESOLUTION_MULTIPLE = 42.67  # pixels per prior latent (diffusers' `resolution_multiple` for Würstchen v2)
+
+
+def effnet_size(resolution: int, downscale: int = 32) -> int:
+    """The side the encoder sees: its stride × the prior's grid, `ceil(resolution / 42.67)` (1024 → 768 → 24)."""
+    return downscale * math.ceil(resolution / RESOLUTION_MULTIPLE)
+
+
+def list_samples(src: str | os.PathLike, caption_column: str = "text") -> list[tuple[Path, str]]:
+    """(image path, caption) pairs of SRC, sorted by path; raises ValueError naming what is missing or broken."""
+    src = Path(src)
+    if not src.is_dir():
+        raise ValueError(f"{src}: not a folder (expected images with captions)")
+    if (src / METADATA).is_file():
+        return _from_metadata(src, caption_column)
+    images = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise ValueError(f"{src}: no images ({', '.join(IMAGE_SUFFIXES)}) and no {METADATA}")
+    missing = [p for p in images if not p.with_suffix(".txt").is_file()]
+    if missing:
+        shown = ", ".join(str(p.relative_to(src)) for p in missing[:5])
+        raise ValueError(
+            f"{src}: {len(missing)} of {len(images)} images have no caption file beside them ({shown}"
+            f"{', …' if len(missing) > 5 else ''}); give each image a .txt of the same name, or write a {METADATA}"
+        )
+    return [(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in images]
+
+
+def _from_metadata(src: Path, column: str) -> list[tuple[Path, str]]:
+    path, samples = src / METADATA, []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {n}: not valid JSON ({e})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            raise ValueError(f"{path}, line {n}: expected an object with a 'file_name' string")
+        caption = row.get(column)
+        if not isinstance(caption, str):
+            have = sorted(row)
+            raise ValueError(f"{path}, line {n}: no caption string under {column!r} (has {have}; see --caption-column)")
+        image = src / row["file_name"]
+        if not image.is_file():
+            raise ValueError(f"{path}, line {n}: {row['file_name']!r} does not exist in {src}")
+        samples.append((image, caption.strip()))
+    if not samples:
+        raise ValueError(f"{path}: no samples")
+    return samples
+
+
+def load_image(path: Path, resolution: int) -> np.ndarray:
+    """An image file → uint8 [resolution, resolution, 3]: upright, shorter side resized, centre-cropped."""
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im).convert("RGB")
+            w, h = im.size
+            scale = resolution / min(w, h)
+            size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+            im = im.resize(size, Image.Resampling.BILINEAR)
+            left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+            return np.asarray(im.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from None
+
+
+def make_encoder(module: Any, variables: Any, resolution: int) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 crops [B, R, R, 3] → float32 semantic latents [B, g, g, C], one jitted function."""
+    side = effnet_size(resolution)
+
+    @jax.jit
+    def encode(variables, images):
+        x = images.astype(jnp.float32) / 255.0
+        x = jax.image.resize(x, (x.shape[0], side, side, 3), "linear", antialias=True)
+        return module.apply(variables, normalize(x)).astype(jnp.float32)
+
+    return lambda images: np.asarray(encode(variables, images))
+
+
+def prepare_data(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    effnet: str | os.PathLike | tuple[Any, Any],
+    resolution: int = 1024,
+    images: bool = False,
+    shard_size: int = 1000,
+    batch_size: int = 16,
+    dtype: str = "float32",
+    caption_column: str = "text",
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Write the shards of SRC into OUT (see the module docstring); `effnet` is a folder or (module, variables)."""
+    src, out = Path(src), Path(out)
+    limits = (("resolution", resolution, 32), ("shard_size", shard_size, 1), ("batch_size", batch_size, 1))
+    for name, value, low in limits:
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
+    check_destination(src, out, overwrite)
+    samples = list_samples(src, caption_column)
+    module, variables = _load_effnet(effnet, dtype)
+    encode = make_encoder(module, variables, resolution)
+    say = (lambda m: print(f"prepare-data: {m}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    t0, shards, grid = time.perf_counter(), [], None
+    workers = min(8, os.cpu_count() or 1)  # image decoding and resizing release the GIL
+    with staged_folder(out, overwrite) as tmp, concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for start in range(0, len(samples), shard_size):
+            part = samples[start : start + shard_size]
+            crops = np.stack(list(pool.map(lambda s: load_image(s[0], resolution), part)))
+            embeddings = _encode_batches(encode, crops, batch_size)
+            grid = embeddings.shape[1:3]
+            arrays = {"captions": np.array([c for _, c in part], dtype=str), "image_embeddings": embeddings}
+            if images:
+                arrays["images"] = crops
+            name = f"shard-{len(shards):05d}.npz"
+            np.savez(tmp / name, **arrays)
+            shards.append({"file": name, "samples": len(part)})
+            done = start + len(part)
+            say(f"{done}/{len(samples)} images, {done / (time.perf_counter() - t0):.1f} img/s")
+        manifest = {
+            "source": str(src.resolve()),
+            "samples": len(samples),
+            "resolution": resolution,
+            "image_embeddings": [*grid, int(embeddings.shape[-1])],
+            "images": images,
+            "effnet": str(Path(effnet).resolve()) if isinstance(effnet, (str, os.PathLike)) else None,
+            "dtype": dtype,
+            "shards": shards,
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    say(f"wrote {out}: {len(samples)} samples in {len(shards)} shards, embeddings {grid[0]}×{grid[1]}")
+    return out
+
+
+def _encode_batches(encode: Callable, crops: np.ndarray, batch_size: int) -> np.ndarray:
+    """Encode in fixed-size batches (the last one padded) so one compiled program serves every batch."""
+    out = []
+    for i in range(0, len(crops), batch_size):
+        batch = crops[i : i + batch_size]
+        pad = batch_size - len(batch)
+        if pad:
+            batch = np.concatenate([batch, np.repeat(batch[-1:], pad, axis=0)])
+        out.append(encode(batch)[: batch_size - pad])
+    return np.concatenate(out)
+
+
+def _load_effnet(effnet: Any, dtype: str) -> tuple[Any, Any]:
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
+    if isinstance(effnet, tuple):
+        module, variables = effnet
+    else:
+        kind, _ = read_config(effnet)
+        if kind != "effnet":
+            raise WeightsError(
+                f"{effnet}: a {kind} folder, not the EfficientNet encoder (convert one with "
+                "`wurst-jax convert model_v2_stage_b.pt DIR --stage effnet`)"
+            )
+        module, variables = load_component(effnet, dtype=dtypes[dtype], param_dtype=jnp.float32)
+    if not isinstance(module, EfficientNetEncoder):
+        raise TypeError(f"effnet must be an EfficientNetEncoder, got {type(module).__name__}")
+    return module.clone(dtype=dtypes[dtype]), variables
+
+
+def add_prepare_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prepare-data",
+        help="turn a folder of captioned images into the .npz shards `wurst-jax train` fine-tunes on",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("src", metavar="SRC", help="folder of images with .txt captions beside them, or a metadata.jsonl")
+    p.add_argument("out", metavar="OUT", help="output folder of shards (written whole or not at all)")
+    p.add_argument("--effnet", required=True, metavar="DIR", help="EfficientNet folder (convert ... --stage effnet)")
+    p.add_argument("--resolution", type=int, default=1024, help="square crop size in pixels (1024)")
+    p.add_argument("--images", action="store_true", help="also store the crops (needed to fine-tune stage b or a)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per .npz shard (1000)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per encoder call (16)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="encoder compute (float32)")
+    p.add_argument("--caption-column", default="text", help="the caption key of metadata.jsonl rows (text)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (once the new one is complete)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    """Run a parsed `prepare-data` command: 0 on success, 2 for bad input, 130 when interrupted."""
+    try:
+        out = prepare_data(
+            args.src,
+            args.out,
+            args.effnet,
+            resolution=args.resolution,
+            images=args.images,
+            shard_size=args.shard_size,
+            batch_size=args.batch_size,
+            dtype=args.dtype,
+            caption_column=args.caption_column,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+    except KeyboardInterrupt:
+        print(f"wurst-jax prepare-data: interrupted; {args.out} was not written or changed", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:  # WeightsError is a ValueError: one clear message, no traceback
+        print(f"wurst-jax prepare-data: error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
