@@ -109,7 +109,7 @@ def convert_checkpoint(
     `components`: the component folders of a pipeline to convert (e.g. ["prior", "text_encoder"]); the others
     are copied unchanged, so DST still loads as a whole pipeline. `overwrite`: replace an existing DST (only once
     the new one is complete). `nonfinite`: "error" refuses NaN / Inf weights, "warn" converts them with a
-    warning. `stage` ("prior", "decoder", "vqgan") and `config` (a dict, a config.json path or a JSON string)
+    warning. `stage` ("prior", "decoder", "vqgan", "effnet") and `config` (a dict, a config.json path or a JSON string)
     are for single-file sources.
     """
     src, dst = Path(src), Path(dst)

@@ -8,7 +8,8 @@ What trains (the rest is frozen, as in diffusers' `train_text_to_image_prior.py`
 Components may be diffusers / transformers safetensors or folders converted by `wurst-jax convert` (orbax).
 The trained component is loaded with f32 master weights and `dtype` compute; frozen ones in `dtype`.
 
-Shards: every `*.npz` file directly in `data` (sorted by name), each holding N samples:
+Shards: every `*.npz` file directly in `data` (sorted by name), each holding N samples (`wurst-jax prepare-data`,
+`wurst_jax/train/prepare.py`, makes them from a folder of captioned images):
 - `captions`: str [N] (`np.array(list_of_str)`, not an object array); stages c and b (optional for a).
 - `image_embeddings`: float [N, h, w, C] NHWC, stages c and b. The decoder-space semantic latents, i.e. what
   `WuerstchenPriorPipeline` outputs (EfficientNet features for the real model; C = the prior's `c_in`, 16).
