@@ -9,7 +9,8 @@ Hugging Face's `imagefolder` reads it) or, without one, in a `.txt` file beside 
 EfficientNet semantic encoder (`--effnet`: a folder `load_component` reads, e.g. one converted from Würstchen v2's
 `model_v2_stage_b.pt` with `wurst-jax convert ... --stage effnet`) sees the crop at 32 · ceil(resolution / 42.67)
 pixels — 768² for 1024², the 3/4 scale the original training used — and gives the `image_embeddings` on the
-prior's grid (24 × 24 at 1024², what `WuerstchenPriorPipeline` outputs for that size).
+prior's grid (24 × 24 at 1024², what `WuerstchenPriorPipeline` outputs for that size). The encoder runs
+data-parallel over all of this process's devices (`batch_size` is rounded up to a multiple of their number).
 
 OUT receives `shard-00000.npz`, … (`shard_size` samples each: `captions`, `image_embeddings` float32
 [N, g, g, 16] and, with `images`, the uint8 crops [N, R, R, 3]) and `wurst_jax_data.json` (what was made from
@@ -36,11 +37,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from wurst_jax.models import EfficientNetEncoder
 from wurst_jax.models.effnet import normalize
 from wurst_jax.output_dir import check_destination, staged_folder
+from wurst_jax.sharding import DATA, make_mesh
 from wurst_jax.weights import WeightsError, load_component, read_config
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -114,15 +117,19 @@ def load_image(path: Path, resolution: int) -> np.ndarray:
 
 
 def make_encoder(module: Any, variables: Any, resolution: int) -> Callable[[np.ndarray], np.ndarray]:
-    """uint8 crops [B, R, R, 3] → float32 semantic latents [B, g, g, C], one jitted function."""
+    """uint8 crops [B, R, R, 3] → float32 semantic latents [B, g, g, C], one jitted function, data-parallel over
+    this process's devices (B must divide over them; the weights are replicated)."""
     side = effnet_size(resolution)
+    mesh = make_mesh(data=-1, devices=jax.local_devices())
+    batch, replicated = NamedSharding(mesh, PartitionSpec(DATA)), NamedSharding(mesh, PartitionSpec())
 
-    @jax.jit
     def encode(variables, images):
         x = images.astype(jnp.float32) / 255.0
         x = jax.image.resize(x, (x.shape[0], side, side, 3), "linear", antialias=True)
         return module.apply(variables, normalize(x)).astype(jnp.float32)
 
+    encode = jax.jit(encode, in_shardings=(replicated, batch), out_shardings=batch)
+    variables = jax.device_put(variables, replicated)
     return lambda images: np.asarray(encode(variables, images))
 
 
@@ -149,6 +156,7 @@ def prepare_data(
     samples = list_samples(src, caption_column)
     module, variables = _load_effnet(effnet, dtype)
     encode = make_encoder(module, variables, resolution)
+    batch_size = -(-batch_size // jax.local_device_count()) * jax.local_device_count()  # divides over the devices
     say = (lambda m: print(f"prepare-data: {m}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
     t0, shards, grid = time.perf_counter(), [], None
     workers = min(8, os.cpu_count() or 1)  # image decoding and resizing release the GIL
@@ -226,7 +234,7 @@ def add_prepare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resolution", type=int, default=1024, help="square crop size in pixels (1024)")
     p.add_argument("--images", action="store_true", help="also store the crops (needed to fine-tune stage b or a)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per .npz shard (1000)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per encoder call (16)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per encoder call, over all devices (16)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="encoder compute (float32)")
     p.add_argument("--caption-column", default="text", help="the caption key of metadata.jsonl rows (text)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (once the new one is complete)")
