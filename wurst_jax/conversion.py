@@ -44,7 +44,7 @@ import ml_dtypes
 import numpy as np
 
 from wurst_jax.models import EfficientNetConfig, StageAConfig, StageBConfig, StageCConfig, abstract_variables
-from wurst_jax.output_dir import check_destination, staged_folder
+from wurst_jax.output_dir import check_destination, run_writer, staged_folder
 from wurst_jax.weights import WeightsError, build_module, read_config
 from wurst_jax.weights.convert import TensorRef, convert
 from wurst_jax.weights.export import component_config
@@ -417,8 +417,10 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 
 def run_convert(args: argparse.Namespace) -> int:
     """Run a parsed `convert` command: 0 on success, 2 for bad input, 130 when interrupted."""
-    try:
-        dst = convert_checkpoint(
+    return run_writer(
+        "convert",
+        args.dst,
+        lambda: convert_checkpoint(
             args.src,
             args.dst,
             dtype=args.dtype,
@@ -428,15 +430,8 @@ def run_convert(args: argparse.Namespace) -> int:
             stage=args.stage,
             config=args.config,
             progress=not args.quiet,
-        )
-    except KeyboardInterrupt:
-        print(f"wurst-jax convert: interrupted; {args.dst} was not written or changed", file=sys.stderr)
-        return 130
-    except (ValueError, OSError) as e:  # WeightsError is a ValueError: one clear message, no traceback
-        print(f"wurst-jax convert: error: {e}", file=sys.stderr)
-        return 2
-    print(dst)
-    return 0
+        ),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

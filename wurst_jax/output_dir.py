@@ -6,8 +6,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -56,3 +57,18 @@ def _commit(tmp: Path, dst: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         old.unlink()
+
+
+def run_writer(command: str, out: str, write: Callable[[], Path]) -> int:
+    """Run a command that writes `out` this way: prints the folder and returns 0; bad input prints one
+    `wurst-jax COMMAND: error: …` line and returns 2; Ctrl-C says nothing was written and returns 130."""
+    try:
+        result = write()
+    except KeyboardInterrupt:
+        print(f"wurst-jax {command}: interrupted; {out} was not written or changed", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:  # WeightsError is a ValueError: one clear message, no traceback
+        print(f"wurst-jax {command}: error: {e}", file=sys.stderr)
+        return 2
+    print(result)
+    return 0

@@ -42,7 +42,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from wurst_jax.models import EfficientNetEncoder
 from wurst_jax.models.effnet import normalize
-from wurst_jax.output_dir import check_destination, staged_folder
+from wurst_jax.output_dir import check_destination, run_writer, staged_folder
 from wurst_jax.sharding import DATA, make_mesh
 from wurst_jax.weights import WeightsError, load_component, read_config
 
@@ -243,8 +243,10 @@ def add_prepare_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_prepare(args: argparse.Namespace) -> int:
     """Run a parsed `prepare-data` command: 0 on success, 2 for bad input, 130 when interrupted."""
-    try:
-        out = prepare_data(
+    return run_writer(
+        "prepare-data",
+        args.out,
+        lambda: prepare_data(
             args.src,
             args.out,
             args.effnet,
@@ -256,12 +258,5 @@ def run_prepare(args: argparse.Namespace) -> int:
             caption_column=args.caption_column,
             overwrite=args.overwrite,
             progress=not args.quiet,
-        )
-    except KeyboardInterrupt:
-        print(f"wurst-jax prepare-data: interrupted; {args.out} was not written or changed", file=sys.stderr)
-        return 130
-    except (ValueError, OSError) as e:  # WeightsError is a ValueError: one clear message, no traceback
-        print(f"wurst-jax prepare-data: error: {e}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
+        ),
+    )
