@@ -184,11 +184,13 @@ def xla_flops(stage) -> float | None:
     return total or None
 
 
-def model_flops(a, b) -> float | None:
-    """Global FLOPs of one step of the plain model (unrolled, no remat) at this batch: lowered, never compiled."""
-    plain = argparse.Namespace(**{**vars(a), "scan_blocks": False, "remat": False})
-    p = b if not (a.scan_blocks or a.remat) else build(plain)
-    return xla_flops(jax.jit(p["step"]).lower(p["abstract"], p["batch_shapes"]))
+def model_flops(a, lowered) -> float | None:
+    """Global FLOPs of one step of the plain model (unrolled, no remat) at this batch: `lowered` (the step being
+    measured) when that is the plain model, else the plain step lowered for the count, never compiled."""
+    if a.scan_blocks or a.remat:
+        p = build(argparse.Namespace(**{**vars(a), "scan_blocks": False, "remat": False}))
+        lowered = jax.jit(p["step"]).lower(p["abstract"], p["batch_shapes"])
+    return xla_flops(lowered)
 
 
 def peak_memory(devices) -> int | None:
@@ -248,11 +250,12 @@ def benchmark(a, state=None) -> tuple[dict, object]:
     batch = b["batch_shapes"] if a.compile_only else make_batch(b["batch_shapes"], b["batch_sh"])
     jitted = jit_train_step(b["step"], b["state_sh"], b["batch_sh"])
     t0 = time.perf_counter()
-    compiled = jitted.lower(b["abstract"] if a.compile_only else state, batch).compile()
+    lowered = jitted.lower(b["abstract"] if a.compile_only else state, batch)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     progress(f"batch {a.batch}: train step compiled in {compile_s:.1f} s")
     n = len(b["devices"])
-    total_flops = model_flops(a, b)
+    total_flops = model_flops(a, lowered)
     if total_flops is None and not (a.scan_blocks or a.remat):  # no cost analysis of a Lowered on this jax
         total_flops = (xla_flops(compiled) or 0) * n or None
     per_device = total_flops and total_flops / n
