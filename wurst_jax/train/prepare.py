@@ -41,7 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from wurst_jax.models import EfficientNetEncoder
-from wurst_jax.models.effnet import normalize
+from wurst_jax.models.effnet import DOWNSCALE, normalize
 from wurst_jax.output_dir import check_destination, run_writer, staged_folder
 from wurst_jax.sharding import DATA, make_mesh
 from wurst_jax.weights import WeightsError, load_component, read_config
@@ -52,9 +52,9 @@ MANIFEST = "wurst_jax_data.json"
 RESOLUTION_MULTIPLE = 42.67  # pixels per prior latent (diffusers' `resolution_multiple` for Würstchen v2)
 
 
-def effnet_size(resolution: int, downscale: int = 32) -> int:
+def effnet_size(resolution: int) -> int:
     """The side the encoder sees: its stride × the prior's grid, `ceil(resolution / 42.67)` (1024 → 768 → 24)."""
-    return downscale * math.ceil(resolution / RESOLUTION_MULTIPLE)
+    return DOWNSCALE * math.ceil(resolution / RESOLUTION_MULTIPLE)
 
 
 def list_samples(src: str | os.PathLike, caption_column: str = "text") -> list[tuple[Path, str]]:
@@ -208,17 +208,16 @@ def _load_effnet(effnet: Any, dtype: str) -> tuple[Any, Any]:
         raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
     if isinstance(effnet, tuple):
         module, variables = effnet
-    else:
-        kind, _ = read_config(effnet)
-        if kind != "effnet":
-            raise WeightsError(
-                f"{effnet}: a {kind} folder, not the EfficientNet encoder (convert one with "
-                "`wurst-jax convert model_v2_stage_b.pt DIR --stage effnet`)"
-            )
-        module, variables = load_component(effnet, dtype=dtypes[dtype], param_dtype=jnp.float32)
-    if not isinstance(module, EfficientNetEncoder):
-        raise TypeError(f"effnet must be an EfficientNetEncoder, got {type(module).__name__}")
-    return module.clone(dtype=dtypes[dtype]), variables
+        if not isinstance(module, EfficientNetEncoder):
+            raise TypeError(f"effnet must be an EfficientNetEncoder, got {type(module).__name__}")
+        return module.clone(dtype=dtypes[dtype]), variables
+    kind, _ = read_config(effnet)  # before any weights are read
+    if kind != "effnet":
+        raise WeightsError(
+            f"{effnet}: a {kind} folder, not the EfficientNet encoder (convert one with "
+            "`wurst-jax convert model_v2_stage_b.pt DIR --stage effnet`)"
+        )
+    return load_component(effnet, dtype=dtypes[dtype], param_dtype=jnp.float32)
 
 
 def add_prepare_parser(sub: argparse._SubParsersAction) -> None:
