@@ -46,7 +46,7 @@ import numpy as np
 from wurst_jax.models import EfficientNetConfig, StageAConfig, StageBConfig, StageCConfig, abstract_variables
 from wurst_jax.output_dir import check_destination, run_writer, staged_folder
 from wurst_jax.weights import WeightsError, build_module, read_config
-from wurst_jax.weights.convert import TensorRef, convert
+from wurst_jax.weights.convert import TensorRef, convert, unwrapped
 from wurst_jax.weights.export import component_config
 from wurst_jax.weights.load import config_from_dict, source_layout
 from wurst_jax.weights.orbax_io import ORBAX_DIR, save_variables
@@ -135,7 +135,7 @@ def convert_checkpoint(
 
 def detect_stage(keys: Sequence[str]) -> str | None:
     """Which component a set of tensor names belongs to ("prior", "decoder", "vqgan", "text_encoder"), if clear."""
-    stripped = [k.removeprefix("module.").removeprefix("_orig_mod.") for k in keys]
+    stripped = [unwrapped(k) for k in keys]
     for stage, pattern in _MARKERS:
         if any(pattern.search(k) for k in stripped):
             return stage
@@ -217,7 +217,7 @@ def _file_plan(path: Path, stage: str | None, config: Any) -> tuple[str, list, l
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     if detected is not None and detected != stage:
-        example = next(k for k in source if dict(_MARKERS)[detected].search(k.removeprefix("module.")))
+        example = next(k for k in source if dict(_MARKERS)[detected].search(unwrapped(k)))
         raise WeightsError(f"{path}: --stage {stage}, but its tensors are a {detected} checkpoint's ({example!r})")
     cfg = _stage_config(stage, config, list(source))
     job = _Job("", stage, cfg, source, dict.fromkeys(source, path), [path], str(path), None, entry)
@@ -254,7 +254,7 @@ def _stage_config(stage: str, config: Any, keys: Sequence[str] = ()) -> Any:
 
 def _effnet_config(keys: Sequence[str]) -> EfficientNetConfig:
     """EfficientNetV2-S or -L (the -L backbone has a 9th part, `backbone.8`), mapper BatchNorm affine or not."""
-    names = {k.removeprefix("module.").removeprefix("_orig_mod.") for k in keys}
+    names = {unwrapped(k) for k in keys}
     large = any(k.startswith("backbone.8.") for k in names)
     return EfficientNetConfig(
         effnet="efficientnet_v2_l" if large else "efficientnet_v2_s", mapper_affine="mapper.1.weight" in names

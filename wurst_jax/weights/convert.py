@@ -47,6 +47,13 @@ _STATS = {"running_mean": "mean", "running_var": "var"}
 _SKIP_LEAVES = {"num_batches_tracked"}
 
 
+def unwrapped(key: str) -> str:
+    """A tensor name without the prefixes DDP (`module.`) and torch.compile (`_orig_mod.`) add."""
+    for p in _PREFIXES:
+        key = key.removeprefix(p)
+    return key
+
+
 def canonical_source(source: Mapping[str, TensorRef], root: str = "") -> dict[str, TensorRef]:
     """Rewrite original-repo / wrapped names to diffusers names, splitting fused in_proj into q, k, v.
 
@@ -54,9 +61,7 @@ def canonical_source(source: Mapping[str, TensorRef], root: str = "") -> dict[st
     """
     out: dict[str, TensorRef] = {}
     for original, ref in source.items():
-        key = original
-        for p in _PREFIXES:
-            key = key.removeprefix(p)
+        key = unwrapped(original)
         if root and not key.startswith(root):
             key = root + key
         for pattern, repl in _ORIGINAL_RENAMES:
