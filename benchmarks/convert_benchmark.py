@@ -4,7 +4,7 @@ Usage: python benchmarks/convert_benchmark.py [--components prior,decoder] [--wo
                                               [--dtype float32] [--repeat 2] [--results benchmarks/RESULTS.md]
 
 1. Writes full-size random-weight f32 checkpoints with diffusers `save_pretrained` (once; reused on later runs).
-2. Converts each with `wurst_jax.conversion.convert_checkpoint` in a fresh process and records its wall time and
+2. Converts each with `wurst_jax.convert_checkpoint` in a fresh process and records its wall time and
    peak RSS (the child's own `ru_maxrss`, so building the checkpoints does not count).
 3. Loads each component in fresh processes: from the diffusers folder (`load_component` converting from
    safetensors) and from the converted folder (orbax restore); best of `--repeat`, page cache warm for both.
@@ -39,7 +39,7 @@ cls(**kw).eval().save_pretrained(folder, max_shard_size="100GB")
 
 CONVERT = """
 import json, resource, sys, time
-from wurst_jax.conversion import convert_checkpoint
+from wurst_jax import convert_checkpoint
 t0 = time.perf_counter()
 convert_checkpoint(sys.argv[1], sys.argv[2], dtype=sys.argv[3], overwrite=True)
 seconds = time.perf_counter() - t0

@@ -4,8 +4,8 @@ Usage (repo root):  python benchmarks/generate_benchmark.py --config v2 --batch 
 Per batch size a fresh child process builds the five models from the configs with random weights (no checkpoint,
 no torch) and times each stage, median over `--reps` after a warm-up call: text (CLIP bigG on [2B, 77] + CLIP H on
 [B, 77], as the reference script), prior (29 steps of DEFAULT_STAGE_C_TIMESTEPS, CFG 4.0), decoder (12 steps, no
-guidance), VQGAN decode. The stage functions are the library's (`sampling` loops, one jit each) and the data goes
-through the host between stages as in the pipeline. `compile_s`: cold trace + lower + compile of those functions.
+guidance), VQGAN decode. The stage functions are the pipelines' own (`run_loop`, one jit each); the text states go
+through the host as in the pipeline. `compile_s`: cold trace + lower + compile of those functions.
 `pipeline_s`: one whole `WuerstchenPipeline` call (fake tokenizer, noise draws, host transfers). MFU: model FLOPs
 from XLA's cost analysis (a loop body counts once: × steps) over time and the device's dense bf16 peak.
 `warm_start_s`: a second fresh process sharing the first one's persistent compilation cache, timed from its spawn
@@ -46,11 +46,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import wurst_jax as wj  # noqa: E402
-from wurst_jax import sampling  # noqa: E402
-from wurst_jax import scheduler as sc  # noqa: E402
 from wurst_jax.models import WuerstchenDiffNeXt, WuerstchenPrior, abstract_variables  # noqa: E402
-from wurst_jax.pipeline import _encode_text  # noqa: E402  (the pipeline's own text function: shared compiled code)
-from wurst_jax.pipeline_io import Component  # noqa: E402
+from wurst_jax.pipelines.components import Component  # noqa: E402
+from wurst_jax.pipelines.runner import run_loop  # noqa: E402  (the pipelines' own stage functions)
+from wurst_jax.pipelines.text import encode_text  # noqa: E402
+from wurst_jax.pipelines.wuerstchen import decode_images, decoder_model, prior_model  # noqa: E402
+from wurst_jax.samplers import ddpm_wuerstchen as sc  # noqa: E402
 
 MARK = "BENCH_RESULT "
 STAGES = ("text", "prior", "decoder", "vqgan")
@@ -208,32 +209,36 @@ class Stages:
     def __init__(self):
         self.exe, self.compile_s, self.flops, self.temp_bytes = {}, {}, {}, {}
 
-    def __call__(self, name, fn, static, *args):
+    def __call__(self, name, fn, static: dict, *args):
         if name not in self.exe:
             t0 = time.perf_counter()
-            lowered = jax.jit(fn, static_argnums=static).lower(*args)
+            lowered = jax.jit(fn, static_argnames=tuple(static)).lower(*args, **static)
             self.exe[name] = lowered.compile()
             self.compile_s[name] = time.perf_counter() - t0
             self.flops[name] = _flops(lowered, self.exe[name])
             self.temp_bytes[name] = getattr(self.exe[name].memory_analysis(), "temp_size_in_bytes", None)
-        return jax.block_until_ready(self.exe[name](*[a for i, a in enumerate(args) if i not in static]))
+        return jax.block_until_ready(self.exe[name](*args))
 
 
 def run_once(st: Stages, mods: dict, var: dict, inp: dict) -> tuple[dict, jax.Array]:
-    """One text-to-image batch, stage by stage; text states and prior latents pass the host as in the pipeline."""
-    t, t0, cfg = {}, time.perf_counter(), sc.SchedulerConfig()
-    c_p = st("text_prior", _encode_text, (0,), mods["text_prior"], var["text_prior"], *inp["ids_p"])
-    c_d = st("text_decoder", _encode_text, (0,), mods["text_decoder"], var["text_decoder"], *inp["ids_d"])
+    """One text-to-image batch, stage by stage; text states pass the host as in the pipeline."""
+    t, t0, cfg = {}, time.perf_counter(), sc.DDPMWuerstchen()
+    c_p = st("text_prior", encode_text, {"module": mods["text_prior"]}, var["text_prior"], *inp["ids_p"])
+    c_d = st("text_decoder", encode_text, {"module": mods["text_decoder"]}, var["text_decoder"], *inp["ids_d"])
     c_p, c_d = jnp.asarray(np.asarray(c_p)), jnp.asarray(np.asarray(c_d))
     t["text"] = (t1 := time.perf_counter()) - t0
-    args = (mods["prior"], var["prior"], inp["x_p"], inp["ts_p"], inp["eps_p"], c_p, inp["w_p"], cfg, True)
-    lat = st("prior", sampling.prior_loop, (0, 7, 8), *args)
+    b = inp["x_p"].shape[0]
+    static = {"module": mods["prior"], "model_fn": prior_model, "sampler": cfg}
+    args = (var["prior"], inp["x_p"], inp["ts_p"], inp["eps_p"], {"clip": c_p[:b]}, {"clip": c_p[b:]}, inp["w_p"])
+    lat = st("prior", run_loop, static, *args, None)
     t["prior"] = (t2 := time.perf_counter()) - t1
-    effnet = jnp.asarray(np.asarray(lat) * 42.0 - 1.0)  # the prior pipeline's latent_mean / latent_std
-    args = (mods["decoder"], var["decoder"], inp["x_d"], inp["ts_d"], inp["eps_d"], effnet, c_d, inp["w_d"], cfg)
-    lat = st("decoder", sampling.decoder_loop, (0, 8, 9), *args, False)
+    effnet = lat * 42.0 - 1.0  # the prior pipeline's latent_mean / latent_std
+    static = {"module": mods["decoder"], "model_fn": decoder_model, "sampler": cfg}
+    cond = {"effnet": effnet, "clip": c_d}
+    args = (var["decoder"], inp["x_d"], inp["ts_d"], inp["eps_d"], cond, None, inp["w_d"], None)
+    lat = st("decoder", run_loop, static, *args)
     t["decoder"] = (t3 := time.perf_counter()) - t2
-    img = st("vqgan", sampling.decode_images, (0,), mods["vqgan"], var["vqgan"], lat)
+    img = st("vqgan", decode_images, {"module": mods["vqgan"]}, var["vqgan"], lat)
     t["vqgan"] = time.perf_counter() - t3
     return t, img
 

@@ -2,7 +2,7 @@
 
 Usage (repo root):  python benchmarks/precision_check.py --config v2 [--batch 1] [--res 1024]
 The weights are made once in f32 (`generate_benchmark.init_variables`) and cast to bf16 for the bf16 modules. The
-two sampling loops are re-run here with `lax.scan` (the body of `wurst_jax.sampling`'s loops: CFG 4.0 for the prior,
+two sampling loops are re-run here with `lax.scan` (the body of the pipelines' `run_loop`: CFG 4.0 for the prior,
 none for the decoder) so that every step's latents come back: each step's model output and latents are checked
 for NaN/Inf, and the two precisions are compared step by step. The f32 run uses matmul precision "highest" (no TF32
 on GPUs); the scan replica is checked against the library's own f32 prior loop. Prints a Markdown report, appends it
@@ -24,16 +24,17 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from wurst_jax import sampling  # noqa: E402
-from wurst_jax import scheduler as sc  # noqa: E402
 from wurst_jax.models import abstract_variables  # noqa: E402
-from wurst_jax.pipeline import _encode_text  # noqa: E402
+from wurst_jax.pipelines.runner import run_loop  # noqa: E402
+from wurst_jax.pipelines.text import encode_text  # noqa: E402
+from wurst_jax.pipelines.wuerstchen import decode_images, prior_model  # noqa: E402
+from wurst_jax.samplers import ddpm_wuerstchen as sc  # noqa: E402
 
 MARK = "PRECISION_RESULT "
 
 
 def prior_steps(module, variables, x, ts, noise, clip, guidance, cfg):
-    """`sampling.prior_loop` with CFG as a scan: per-step latents [S, B, h, w, C] and per-step 'all finite'."""
+    """The pipeline's prior loop (CFG) as a scan: per-step latents [S, B, h, w, C] and per-step 'all finite'."""
 
     def body(x, step):
         t, t_next, eps = step
@@ -48,7 +49,7 @@ def prior_steps(module, variables, x, ts, noise, clip, guidance, cfg):
 
 
 def decoder_steps(module, variables, x, ts, noise, effnet, clip, cfg):
-    """`sampling.decoder_loop` without guidance as a scan: per-step latents and per-step 'all finite'."""
+    """The pipeline's decoder loop (no guidance) as a scan: per-step latents and per-step 'all finite'."""
 
     def body(x, step):
         t, t_next, eps = step
@@ -69,15 +70,15 @@ def cast(tree, like):
 
 def run(mods, var, inp, cfg) -> dict:
     """Text → prior → decoder → VQGAN at one precision, keeping every intermediate (as float32 numpy)."""
-    text = jax.jit(_encode_text, static_argnums=0)
-    c_p = text(mods["text_prior"], var["text_prior"], *inp["ids_p"])
-    c_d = text(mods["text_decoder"], var["text_decoder"], *inp["ids_d"])
+    text = jax.jit(encode_text, static_argnames="module")
+    c_p = text(var["text_prior"], *inp["ids_p"], module=mods["text_prior"])
+    c_d = text(var["text_decoder"], *inp["ids_d"], module=mods["text_decoder"])
     prior = jax.jit(prior_steps, static_argnums=(0, 7))
     xs_p, ok_p = prior(mods["prior"], var["prior"], inp["x_p"], inp["ts_p"], inp["eps_p"], c_p, inp["w_p"], cfg)
     effnet = xs_p[-1] * 42.0 - 1.0  # the prior pipeline's latent_mean / latent_std
     decoder = jax.jit(decoder_steps, static_argnums=(0, 7))
     xs_d, ok_d = decoder(mods["decoder"], var["decoder"], inp["x_d"], inp["ts_d"], inp["eps_d"], effnet, c_d, cfg)
-    images = jax.jit(sampling.decode_images, static_argnums=0)(mods["vqgan"], var["vqgan"], xs_d[-1])
+    images = jax.jit(decode_images, static_argnames="module")(var["vqgan"], xs_d[-1], module=mods["vqgan"])
     out = dict(text_bigG=c_p, text_H=c_d, prior_steps=xs_p, image_embeddings=effnet, decoder_steps=xs_d)
     out = {k: np.asarray(v, np.float32) for k, v in dict(out, images=images).items()}
     out.update(prior_ok=np.asarray(ok_p), decoder_ok=np.asarray(ok_d))
@@ -111,7 +112,7 @@ def report(a, device: str, res: dict, seconds: float) -> str:
             f"{stage.capitalize()}: finite at every step: f32 {ok['f32']}, bf16 {ok['bf16']} ({len(steps)} steps)"
         )
         lines[-1] += f"; latent max abs diff per step: {per_step}."
-    lines.append(f"Scan replica against `sampling.prior_loop` (f32): max abs diff {res['replica_max_abs']:.2g}.")
+    lines.append(f"Scan replica against the pipeline's prior loop (f32): max abs diff {res['replica_max_abs']:.2g}.")
     lines += [
         f"All finite (text, every step, images, both precisions): **{res['all_finite']}**. Ran {seconds:.0f} s.",
         "",
@@ -136,11 +137,13 @@ def main(argv=None):
     v32 = {k: gb.init_variables(m, a.seed + i) for i, (k, m) in enumerate(m32.items())}
     v16 = {k: cast(v32[k], abstract_variables(m16[k])) for k in m16}
     inp = gb.make_inputs(cfg, a.batch, a.res, a.seed)
-    sched = sc.SchedulerConfig()
+    sched = sc.DDPMWuerstchen()
     with jax.default_matmul_precision(a.f32_precision):
         r32 = run(m32, v32, inp, sched)
-        args = (m32["prior"], v32["prior"], inp["x_p"], inp["ts_p"], inp["eps_p"], r32["text_bigG"], inp["w_p"])
-        lib = jax.jit(sampling.prior_loop, static_argnums=(0, 7, 8))(*args, sched, True)
+        b, clip = a.batch, r32["text_bigG"]
+        args = (v32["prior"], inp["x_p"], inp["ts_p"], inp["eps_p"], {"clip": clip[:b]}, {"clip": clip[b:]}, inp["w_p"])
+        static = dict(module=m32["prior"], model_fn=prior_model, sampler=sched)
+        lib = jax.jit(run_loop, static_argnames=tuple(static))(*args, None, **static)
     r16 = run(m16, v16, inp, sched)
     keys = ("text_bigG", "text_H", "image_embeddings", "images")
     diff = {k: compare(r16[k], r32[k]) for k in keys}

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 import wurst_jax as wj
-from wurst_jax.cli import TINY_MODEL, _model_defaults
+from wurst_jax.cli.generate import TINY_MODEL, model_defaults
 from wurst_jax.train.checker import score
 from wurst_jax.train.data import Scene, heldout_combinations, train_combinations
 
@@ -56,7 +56,7 @@ def main():
     ap.add_argument("--out-dir", default=str(Path(__file__).parent))
     a = ap.parse_args()
     if a.decoder_guidance is None:
-        a.decoder_guidance = _model_defaults(Path(a.model))[1]
+        a.decoder_guidance = model_defaults(Path(a.model))[1]
     pipe = wj.WuerstchenPipeline.from_pretrained(a.model, a.prior, progress=False)
     rng = np.random.default_rng(a.seed)
     seen = [train_combinations()[i] for i in rng.choice(len(train_combinations()), 12, replace=False)]

@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from transformers import AutoTokenizer
 
-from wurst_jax import sampling
-from wurst_jax import scheduler as sched
+from wurst_jax.pipelines.runner import run_loop
+from wurst_jax.pipelines.wuerstchen import decode_images, decoder_model
+from wurst_jax.samplers import ddpm_wuerstchen as sched
 from wurst_jax.train.checker import score
 from wurst_jax.train.cli import ASSETS
 from wurst_jax.train.data import render, sample_scenes
@@ -59,10 +60,13 @@ def main():
     latents, noise = jax.random.normal(k1, (n, side, side, 4)), jax.random.normal(k2, (12, n, side, side, 4))
     for g in (0.0, 2.0, 4.0):
         cfg_on = g > 1
-        c = jnp.concatenate([clip, jnp.broadcast_to(empty_clip, clip.shape)]) if cfg_on else clip
-        loop = jax.jit(partial(sampling.decoder_loop, mods["decoder"], config=sched.SchedulerConfig(), use_cfg=cfg_on))
-        z = loop(v["decoder"], latents, jnp.asarray(sched.timesteps(12)), noise, semantic, c, jnp.float32(g))
-        out = np.asarray(sampling.decode_images(vq, v["vqgan"], z))
+        cond = {"effnet": semantic, "clip": clip}
+        uncond = {"effnet": jnp.zeros_like(semantic), "clip": jnp.broadcast_to(empty_clip, clip.shape)}
+        static = dict(module=mods["decoder"], model_fn=decoder_model, sampler=sched.DDPMWuerstchen())
+        loop = jax.jit(partial(run_loop, **static))
+        ts = jnp.asarray(sched.timesteps(12))
+        z = loop(v["decoder"], latents, ts, noise, cond, uncond if cfg_on else None, jnp.float32(g), None)
+        out = np.asarray(decode_images(v["vqgan"], z, module=vq))
         print(
             f"Stage B from true semantic latents, decoder guidance {g:g} (step {int(state.step)}): {score(out, scenes)}"
         )

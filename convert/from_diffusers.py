@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from wurst_jax.conversion import add_convert_arguments, run_convert
+from wurst_jax.cli.convert import add_convert_arguments, run_convert
 
 if __name__ == "__main__":
     parser = add_convert_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))

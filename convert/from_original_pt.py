@@ -7,7 +7,7 @@ The file is read with torch.load(weights_only=True): a pickle holding anything b
 import argparse
 import sys
 
-from wurst_jax.conversion import PICKLE_SUFFIXES, add_convert_arguments, run_convert
+from wurst_jax.cli.convert import PICKLE_SUFFIXES, add_convert_arguments, run_convert
 
 if __name__ == "__main__":
     parser = add_convert_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))

@@ -14,8 +14,9 @@ from diffusers.pipelines.deprecated.wuerstchen import modeling_wuerstchen_diffne
 from diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_prior import WuerstchenPrior
 
 from wurst_jax.models import layers
-from wurst_jax.models.stage_a import MixingResidualBlock
-from wurst_jax.weights.convert import convert, state_dict_source
+from wurst_jax.models.wuerstchen.stage_a import MixingResidualBlock
+from wurst_jax.weights.mapping import state_dict_source
+from wurst_jax.weights.mapping import to_variables as convert
 
 TOL = 1e-5
 F32 = np.float32

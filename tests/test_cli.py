@@ -106,10 +106,10 @@ def test_generate_with_the_shipped_tiny_model(tmp_path):
 
 
 def test_model_defaults_come_from_model_index(tmp_path):
-    from wurst_jax.cli import TINY_MODEL, _model_defaults
+    from wurst_jax.cli.generate import TINY_MODEL, model_defaults
 
-    assert _model_defaults(tmp_path) == (1024, 0.0)  # no model_index.json: v2's size, diffusers' guidance off
+    assert model_defaults(tmp_path) == (1024, 0.0)  # no model_index.json: v2's size, diffusers' guidance off
     (tmp_path / "model_index.json").write_text('{"default_size": 128, "default_decoder_guidance": 2.5}')
-    assert _model_defaults(tmp_path) == (128, 2.5)
-    size, guidance = _model_defaults(TINY_MODEL / "wuerstchen")
+    assert model_defaults(tmp_path) == (128, 2.5)
+    size, guidance = model_defaults(TINY_MODEL / "wuerstchen")
     assert size == 64 and guidance >= 0

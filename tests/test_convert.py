@@ -17,10 +17,12 @@ from safetensors.torch import save_file
 from test_weights import assert_same_tree, random_inputs, to_original_names
 
 import wurst_jax as wj
-from wurst_jax import conversion
-from wurst_jax.conversion import convert_checkpoint, run_convert
+from wurst_jax.cli import convert as convert_cli
+from wurst_jax.cli.convert import run_convert
 from wurst_jax.models import abstract_variables
+from wurst_jax.weights import converted as conversion
 from wurst_jax.weights import export_component, restore_variables
+from wurst_jax.weights.converted import convert_checkpoint
 from wurst_jax.weights.export import torch_tensors
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -29,7 +31,7 @@ TINY = {"prior": wj.StageCConfig.tiny(), "decoder": wj.StageBConfig.tiny(), "vqg
 
 
 def main(*argv) -> int:
-    return conversion.main([str(a) for a in argv] + ["--quiet"])
+    return convert_cli.main([str(a) for a in argv] + ["--quiet"])
 
 
 def leftovers(folder) -> list[str]:
@@ -471,7 +473,7 @@ def test_cli_subcommand_parses():
     import argparse
 
     parser = argparse.ArgumentParser(prog="wurst-jax")
-    conversion.add_convert_parser(parser.add_subparsers(dest="command"))
+    convert_cli.add_convert_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["convert", "a", "b", "--dtype", "bfloat16", "--components", "prior,text_encoder"])
     assert (args.src, args.dst, args.dtype, args.components) == ("a", "b", "bfloat16", ["prior", "text_encoder"])
     assert args.func is run_convert and not args.overwrite and not args.allow_nonfinite

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wurst_jax import scheduler as sched
+from wurst_jax.samplers import ddpm_wuerstchen as sched
 from wurst_jax.train import objectives
 
-CFG = sched.SchedulerConfig()
+CFG = sched.DDPMWuerstchen()
 
 
 def test_p2_weight_is_one_over_one_plus_snr():

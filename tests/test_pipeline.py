@@ -6,7 +6,7 @@ import torch
 from conftest import nchw
 
 import wurst_jax as wj
-from wurst_jax.scheduler import DEFAULT_STAGE_C_TIMESTEPS
+from wurst_jax.samplers import DEFAULT_STAGE_C_TIMESTEPS
 
 
 @pytest.fixture(scope="module")

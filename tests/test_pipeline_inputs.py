@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import wurst_jax as wj
-from wurst_jax.prompts import parse_weighted, tokenize_weighted
+from wurst_jax.pipelines.prompts import parse_weighted, tokenize_weighted
 
 FAST = dict(height=128, width=128, prior_num_inference_steps=2, num_inference_steps=2, output_type="np")
 
@@ -139,7 +139,7 @@ def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
 
 
 def test_offload_lowers_peak_device_memory(tiny_checkpoints):
-    from wurst_jax.pipeline_io import peak_device_memory
+    from wurst_jax.pipelines import peak_device_memory
 
     decoder_dir, prior_dir, _ = tiny_checkpoints
     peaks = {}

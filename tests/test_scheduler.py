@@ -1,4 +1,4 @@
-"""Parity tests: wurst_jax.scheduler vs diffusers' DDPMWuerstchenScheduler (CPU, float32)."""
+"""Parity tests: wurst_jax.samplers.ddpm_wuerstchen vs diffusers' DDPMWuerstchenScheduler (CPU, float32)."""
 
 import functools
 
@@ -13,7 +13,7 @@ from diffusers.pipelines.deprecated.wuerstchen.pipeline_wuerstchen_prior import 
 )
 from diffusers.schedulers import scheduling_ddpm_wuerstchen
 
-from wurst_jax import scheduler as sch
+from wurst_jax.samplers import ddpm_wuerstchen as sch
 
 
 def _fake_model(x, t):
@@ -32,7 +32,7 @@ def test_alpha_cumprod(scaler):
     hf = DDPMWuerstchenScheduler(scaler=scaler, s=0.008)
     t = torch.linspace(0.0, 1.0, 1001)
     ref = hf._alpha_cumprod(t, "cpu").numpy()
-    ours = np.asarray(sch.alpha_cumprod(t.numpy(), sch.SchedulerConfig(scaler=scaler, s=0.008)))
+    ours = np.asarray(sch.alpha_cumprod(t.numpy(), sch.DDPMWuerstchen(scaler=scaler, s=0.008)))
     assert ours.dtype == np.float32
     assert np.abs(ours - ref).max() <= 1e-6
 
@@ -52,7 +52,7 @@ def test_timesteps(count):
 
 
 def _run_loop(ts_list, scaler, monkeypatch, shape=(2, 4, 6, 5)):
-    cfg = sch.SchedulerConfig(scaler=scaler)
+    cfg = sch.DDPMWuerstchen(scaler=scaler)
     hf = DDPMWuerstchenScheduler(scaler=scaler)
     hf.set_timesteps(timesteps=list(ts_list))
     ts = sch.timesteps(timesteps=ts_list)
@@ -88,7 +88,7 @@ def test_step_loop_12_steps_scaler(monkeypatch):
 
 
 def test_last_step_adds_no_noise():
-    cfg = sch.SchedulerConfig()
+    cfg = sch.DDPMWuerstchen()
     x = jnp.ones((2, 3, 3, 4))
     a = sch.step(0.1 * x, jnp.full((2,), 0.1), jnp.zeros((2,)), x, jnp.zeros_like(x), cfg)
     b = sch.step(0.1 * x, jnp.full((2,), 0.1), jnp.zeros((2,)), x, 100.0 * jnp.ones_like(x), cfg)
@@ -96,7 +96,7 @@ def test_last_step_adds_no_noise():
 
 
 def test_step_jit_and_per_batch_t():
-    cfg = sch.SchedulerConfig(scaler=0.5)
+    cfg = sch.DDPMWuerstchen(scaler=0.5)
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((3, 5, 5, 4)), jnp.float32)  # NHWC
     eps = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
@@ -122,17 +122,17 @@ def test_add_noise(scaler):
     ref = DDPMWuerstchenScheduler(scaler=scaler).add_noise(
         torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t)
     )
-    ours = sch.add_noise(jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t), sch.SchedulerConfig(scaler=scaler))
+    ours = sch.add_noise(jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t), sch.DDPMWuerstchen(scaler=scaler))
     assert np.abs(np.asarray(ours) - ref.numpy()).max() <= 1e-6
 
 
 def test_config_from_dict():
     d = {"_class_name": "DDPMWuerstchenScheduler", "_diffusers_version": "0.19.0", "scaler": 1.0, "s": 0.008}
-    assert sch.SchedulerConfig.from_dict(d) == sch.SchedulerConfig()
+    assert sch.DDPMWuerstchen.from_dict(d) == sch.DDPMWuerstchen()
     with pytest.raises(ValueError, match="scaler"):
-        sch.SchedulerConfig.from_dict({"scaler": 0.0})
+        sch.DDPMWuerstchen.from_dict({"scaler": 0.0})
     with pytest.raises(ValueError, match="'s'"):
-        sch.SchedulerConfig.from_dict({"s": -0.1})
+        sch.DDPMWuerstchen.from_dict({"s": -0.1})
 
 
 @pytest.mark.parametrize(

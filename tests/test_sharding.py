@@ -13,7 +13,7 @@ from conftest import rel_err, torch_clip, torch_decoder, torch_prior, torch_vqga
 from jax.sharding import PartitionSpec as P
 
 import wurst_jax as wj
-from wurst_jax.sharding import Placement, param_specs
+from wurst_jax.sharding import ShardingPlan, param_specs
 
 MESHES = [("dp", 8, 1), ("fsdp", 8, 1), ("fsdp", 4, 2), ("tp", 4, 2), ("tp", 1, 2)]
 IDS = [f"{m}-data{d}-model{k}" for m, d, k in MESHES]
@@ -113,7 +113,7 @@ def test_every_stage_sharded_equals_unsharded(stage_folders, stage, mode, data, 
     module_s, variables_s = wj.load_component(folder, mesh=mesh, sharding=mode)
     leaf = variables_s["params"][next(iter(variables_s["params"]))]
     assert next(iter(jax.tree_util.tree_leaves(leaf))).sharding.mesh == mesh  # placed at load, not later
-    place = Placement(mesh)
+    place = ShardingPlan(mesh)
     got = jax.jit(lambda v, *a: module_s.apply(v, *a, **kw))(variables_s, *[place.batch(a) for a in inputs])
     assert data == 1 or got.sharding.spec[0] == "data"
     assert rel_err(np.asarray(got), want) < TOL

@@ -231,8 +231,8 @@ def test_corrupt_safetensors(prior_folder, corrupt, problem):
 @pytest.mark.parametrize(
     "config,problem",
     [
-        ({"_class_name": "UNet2DConditionModel"}, r"not a Würstchen component \(class 'UNet2DConditionModel'"),
-        ({"model_type": "bert", "architectures": ["BertModel"]}, r"not a Würstchen component"),
+        ({"_class_name": "UNet2DConditionModel"}, r"not a wurst_jax component \(class 'UNet2DConditionModel'"),
+        ({"model_type": "bert", "architectures": ["BertModel"]}, r"not a wurst_jax component"),
         ([1, 2], r"expected a JSON object"),
         ("{not json", r"not valid JSON"),
     ],

@@ -1,11 +1,10 @@
-"""wurst_jax: Würstchen v2 text-to-image in JAX/Flax.
+"""wurst_jax: Würstchen text-to-image in JAX/Flax.
 
 The public surface: the text-to-image pipelines, the stage modules and their configs (and the EfficientNet
 semantic encoder the stages were trained on), `load_component` / `convert_state_dict` for PyTorch weights, and
 `WeightsError`, the exception every weight problem raises.
 """
 
-from wurst_jax.conversion import convert_checkpoint
 from wurst_jax.models import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -18,17 +17,18 @@ from wurst_jax.models import (
     WuerstchenDiffNeXt,
     WuerstchenPrior,
 )
-from wurst_jax.pipeline import (
+from wurst_jax.pipelines import (
     ImagePipelineOutput,
     WuerstchenDecoderPipeline,
     WuerstchenPipeline,
     WuerstchenPriorPipeline,
     WuerstchenPriorPipelineOutput,
+    enable_compilation_cache,
 )
-from wurst_jax.pipeline_io import enable_compilation_cache
-from wurst_jax.scheduler import DEFAULT_STAGE_C_TIMESTEPS
+from wurst_jax.samplers import DEFAULT_STAGE_C_TIMESTEPS
 from wurst_jax.sharding import initialize_distributed, make_mesh
 from wurst_jax.weights import WeightsError, convert_state_dict, export_component, load_component
+from wurst_jax.weights.converted import convert_checkpoint
 
 __version__ = "0.1.0"
 

@@ -9,6 +9,8 @@ The modules name the logical axes of their parameters (`embed`, `mlp`, `heads`, 
 - `tp`:   attention heads and MLP hidden units split over "model" (Megatron style), the rest replicated; the
           batch split over "data" — on a data × model mesh this is data × tensor parallelism.
 
+A `ShardingPlan(mesh, mode)` is the one object that says where everything goes: parameters
+(`param_shardings`, used when loading) and activations (`batch`, `replicated`, and `host` to bring results back).
 Batches that do not divide the "data" axis are padded (repeating the last row) and trimmed by the caller.
 Arrays are built with `jax.make_array_from_callback`, so on several hosts each process only places its own
 shards, and results come back through `multihost_utils.process_allgather`.
@@ -93,17 +95,15 @@ def _spec(path: tuple, shape: tuple, names: tuple, mesh: Mesh, mode: str) -> Par
     return PartitionSpec(*axes)
 
 
-def check_heads(module: nn.Module, mesh: Mesh, mode: str) -> None:
+def check_heads(heads: Any, mesh: Mesh, mode: str, name: str = "the model") -> None:
     """Tensor parallelism splits attention heads: every head count must divide over the model axis."""
     if mode != "tp" or mesh.shape[MODEL] == 1:
         return
-    cfg = module.config
-    heads = getattr(cfg, "nhead", None) or getattr(cfg, "num_attention_heads", None)
-    counts = [h for h in (heads if isinstance(heads, tuple) else (heads,)) if h and h > 0]
+    counts = [int(h) for h in heads if h and h > 0]
     bad = [h for h in counts if h % mesh.shape[MODEL]]
     if bad:
         raise ValueError(
-            f"sharding='tp' on a {mesh.shape[MODEL]}-way model axis cannot split {type(module).__name__}'s "
+            f"sharding='tp' on a {mesh.shape[MODEL]}-way model axis cannot split {name}'s "
             f"attention heads {counts}; choose a model axis size that divides every head count"
         )
 
@@ -112,17 +112,6 @@ def param_shardings(boxed: Any, mesh: Mesh, mode: str) -> Any:
     return jax.tree_util.tree_map(
         lambda s: NamedSharding(mesh, s), param_specs(boxed, mesh, mode), is_leaf=lambda x: isinstance(x, PartitionSpec)
     )
-
-
-def place_fn(shardings: Any) -> Callable[[tuple, np.ndarray, Any], jax.Array]:
-    """A `place(path, host_array, like)` for the converter: each process builds only its own shards."""
-    flat = traverse_util.flatten_dict(shardings)
-
-    def place(path: tuple, arr: np.ndarray, like: Any) -> jax.Array:
-        arr = arr.astype(like.dtype, copy=False)
-        return jax.make_array_from_callback(arr.shape, flat[path], lambda idx: arr[idx])
-
-    return place
 
 
 def initialize_distributed(
@@ -135,11 +124,35 @@ def initialize_distributed(
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
-class Placement:
-    """Puts batch arrays on a mesh (split over "data") and brings results back to every host as numpy."""
+class ShardingPlan:
+    """Where parameters and activations go on `mesh` (None: one device, nothing sharded) for `mode`."""
 
-    def __init__(self, mesh: Mesh | None = None):
-        self.mesh = mesh
+    def __init__(self, mesh: Mesh | None = None, mode: str = "dp"):
+        _check_mode(mode)
+        self.mesh, self.mode = mesh, mode
+
+    # ------------------------------------------------------------------ parameters
+
+    def param_shardings(self, boxed: Any, heads: Any = (), name: str = "the model") -> Any:
+        """NamedShardings for a variables tree with logical axis names (None without a mesh); `heads`: the
+        attention head counts that tensor parallelism must split."""
+        if self.mesh is None:
+            return None
+        check_heads(heads, self.mesh, self.mode, name)
+        return param_shardings(boxed, self.mesh, self.mode)
+
+    @staticmethod
+    def place_fn(shardings: Any) -> Callable[[tuple, np.ndarray, Any], jax.Array]:
+        """A `place(path, host_array, like)` for the converter: each process builds only its own shards."""
+        flat = traverse_util.flatten_dict(shardings)
+
+        def place(path: tuple, arr: np.ndarray, like: Any) -> jax.Array:
+            arr = arr.astype(like.dtype, copy=False)
+            return jax.make_array_from_callback(arr.shape, flat[path], lambda idx: arr[idx])
+
+        return place
+
+    # ------------------------------------------------------------------ activations
 
     @property
     def data_size(self) -> int:
@@ -152,6 +165,12 @@ class Placement:
         """Pad axis `axis` to a multiple of the data axis (repeating the last row) and split it over "data"."""
         if self.mesh is None:
             return jax.numpy.asarray(x)
+        if isinstance(x, jax.Array) and x.shape[axis] == self.padded(x.shape[axis]):
+            spec = [None] * x.ndim
+            spec[axis] = DATA
+            sharding = NamedSharding(self.mesh, PartitionSpec(*spec))
+            if x.sharding.is_equivalent_to(sharding, x.ndim):
+                return x  # already in place: stays on the devices (outputs passed from stage to stage)
         x = self.host(x)
         n = x.shape[axis]
         pad = self.padded(n) - n

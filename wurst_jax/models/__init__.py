@@ -1,5 +1,11 @@
-"""Flax modules of the three Würstchen stages, the CLIP text encoder and the EfficientNet semantic encoder (NHWC,
-no file access)."""
+"""Flax modules of both model generations and their shared encoders (NHWC, no file access), and the component
+registry (`wurst_jax.models.registry`) that names them.
+
+- `wuerstchen/`: Würstchen v2 — Stage A (`PaellaVQModel`), Stage B (`WuerstchenDiffNeXt`), Stage C
+  (`WuerstchenPrior`).
+- shared: the CLIP text encoder, the EfficientNet semantic encoder, the blocks (`layers.py`), repeated-block
+  execution (`repeat.py`) and the antialiased resize (`resize.py`).
+"""
 
 from __future__ import annotations
 
@@ -7,38 +13,23 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
+from wurst_jax.models import registry
 from wurst_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from wurst_jax.models.effnet import EfficientNetConfig, EfficientNetEncoder
-from wurst_jax.models.stage_a import PaellaVQModel, StageAConfig
-from wurst_jax.models.stage_b import StageBConfig, WuerstchenDiffNeXt
-from wurst_jax.models.stage_c import StageCConfig, WuerstchenPrior
+from wurst_jax.models.wuerstchen import (
+    PaellaVQModel,
+    StageAConfig,
+    StageBConfig,
+    StageCConfig,
+    WuerstchenDiffNeXt,
+    WuerstchenPrior,
+)
 
 
 def example_inputs(module: nn.Module) -> tuple[jax.ShapeDtypeStruct, ...]:
     """Smallest inputs that create every parameter of `module` (parameter shapes do not depend on them)."""
-    cfg = module.config
-    f32 = jnp.float32
-    s = jax.ShapeDtypeStruct
-    if isinstance(module, WuerstchenPrior):
-        return s((1, 4, 4, cfg.c_in), f32), s((1,), f32), s((1, 4, cfg.c_cond), f32)
-    if isinstance(module, WuerstchenDiffNeXt):
-        n = cfg.downscale
-        return (
-            s((1, n, n, cfg.c_in), f32),
-            s((1,), f32),
-            s((1, 4, 4, cfg.effnet_embd), f32),
-            s((1, 4, cfg.clip_embd), f32),
-        )
-    if isinstance(module, PaellaVQModel):
-        n = 2 * cfg.up_down_scale_factor * 2 ** (cfg.levels - 1)
-        return (s((1, n, n, cfg.in_channels), f32),)
-    if isinstance(module, CLIPTextModel):
-        return s((1, 4), jnp.int32), s((1, 4), jnp.int32)
-    if isinstance(module, EfficientNetEncoder):
-        return (s((1, 32, 32, 3), f32),)
-    raise TypeError(f"not a wurst_jax model: {type(module).__name__}")
+    return registry.for_module(module).example_inputs(module.config)
 
 
 def abstract_variables(module: nn.Module, boxed: bool = False) -> Any:
@@ -65,4 +56,5 @@ __all__ = [
     "abstract_variables",
     "example_inputs",
     "param_count",
+    "registry",
 ]

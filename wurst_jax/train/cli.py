@@ -73,7 +73,7 @@ def run_train(args: argparse.Namespace) -> int:
     from wurst_jax.weights.orbax_io import restore_variables, save_variables
 
     if args.cache_dir:
-        from wurst_jax.pipeline_io import enable_compilation_cache
+        from wurst_jax.pipelines import enable_compilation_cache
 
         enable_compilation_cache(args.cache_dir)
     raw = json.loads(Path(args.config).read_text())

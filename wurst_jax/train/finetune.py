@@ -362,7 +362,7 @@ def write_pipeline(root: Path, out: Path, component: str, module: Any, variables
 
 def finetune(cfg: FinetuneConfig, log=print) -> Path:
     """Fine-tune `cfg.stage` from `cfg.init` on `cfg.data` (resuming from `out/ckpt_<stage>`); returns `out`."""
-    from wurst_jax.pipeline_io import resolve
+    from wurst_jax.pipelines.components import resolve
     from wurst_jax.sharding import make_mesh
     from wurst_jax.weights import read_config
 

@@ -16,12 +16,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from wurst_jax import scheduler as sched
+from wurst_jax.samplers import ddpm_wuerstchen as sched
 
-_SCHED = sched.SchedulerConfig()
+_SCHED = sched.DDPMWuerstchen()
 
 
-def p2_weight(t: jax.Array, config: sched.SchedulerConfig, k: float = 1.0, gamma: float = 1.0) -> jax.Array:
+def p2_weight(t: jax.Array, config: sched.DDPMWuerstchen, k: float = 1.0, gamma: float = 1.0) -> jax.Array:
     """Perception-prioritised weight (k + SNR(t))^-γ, SNR = ᾱ / (1 - ᾱ)."""
     ac = sched.alpha_cumprod(t, config)
     return (k + ac / (1 - ac)) ** -gamma
@@ -34,7 +34,7 @@ def sample_t(rng: jax.Array, n: int, stage: str) -> jax.Array:
     return jnp.clip(t, 0.001, 1.0)
 
 
-def v_weight(t: jax.Array, config: sched.SchedulerConfig, cap: float = 20.0) -> jax.Array:
+def v_weight(t: jax.Array, config: sched.DDPMWuerstchen, cap: float = 20.0) -> jax.Array:
     """1 / ᾱ, capped: ε-MSE · (1 + 1/SNR) is the MSE of v = √ᾱ·ε - √(1-ᾱ)·x. Unlike the P2 weight it keeps the
     high-noise steps, where a small prior decides an image's layout, from counting for almost nothing."""
     return 1.0 / jnp.maximum(sched.alpha_cumprod(t, config), 1.0 / cap)
@@ -43,7 +43,7 @@ def v_weight(t: jax.Array, config: sched.SchedulerConfig, cap: float = 20.0) -> 
 WEIGHTINGS = {"p2": p2_weight, "v": v_weight}
 
 
-def _diffusion_loss(pred, noise, t, config: sched.SchedulerConfig, weighting: str = "p2") -> jax.Array:
+def _diffusion_loss(pred, noise, t, config: sched.DDPMWuerstchen, weighting: str = "p2") -> jax.Array:
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {sorted(WEIGHTINGS)}, got {weighting!r}")
     per_sample = jnp.mean(jnp.square(pred.astype(jnp.float32) - noise), axis=tuple(range(1, noise.ndim)))

@@ -1,10 +1,8 @@
 """Flax variables → a diffusers / transformers component folder that PyTorch loads with `from_pretrained`.
 
-The exact inverse of `convert.py`: each Flax path gets back its diffusers key (`blocks_3/attention/to_q/kernel` →
-`blocks.3.attention.to_q.weight`; every `_<n>` suffix of a module name was a list index), checked by running the
-forward rename on the result; kernels go back to PyTorch layouts (HWIO → OIHW, dense [in, out] → [out, in]),
-`scale` / `embedding` become `weight`, BatchNorm statistics become `running_mean` / `running_var` plus the
-`num_batches_tracked` counter PyTorch keeps. The safetensors file is written tensor by tensor (the header first,
+The inverse of loading, by the same rule (`layout.py`): each Flax path gets back its PyTorch key and layout, and
+BatchNorm statistics get the `num_batches_tracked` counter PyTorch keeps; the config.json names the class the
+component registry gives the module. The safetensors file is written tensor by tensor (the header first,
 from the shapes), so exporting never holds a second copy of the model in host memory.
 """
 
@@ -14,78 +12,33 @@ import dataclasses
 import importlib.metadata
 import json
 import os
-import re
 import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
-import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
-from wurst_jax.models import (
-    CLIPTextModel,
-    EfficientNetEncoder,
-    PaellaVQModel,
-    WuerstchenDiffNeXt,
-    WuerstchenPrior,
-    abstract_variables,
-)
-from wurst_jax.weights.convert import _torch_shape, flax_candidates
+from wurst_jax.dtypes import is_float
+from wurst_jax.models import abstract_variables, registry
+from wurst_jax.weights import layout
 from wurst_jax.weights.errors import WeightsError
+from wurst_jax.weights.safetensors_io import DTYPES as _READ_DTYPES
 
-Path_ = tuple[str, ...]
-
-# same names as the PyTorch classes (EfficientNetEncoder: the one in diffusers' Würstchen training example)
-_DIFFUSERS_CLASSES = {c: c.__name__ for c in (WuerstchenPrior, WuerstchenDiffNeXt, PaellaVQModel, EfficientNetEncoder)}
-_LEAVES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
-_STATS = {"mean": "running_mean", "var": "running_var"}
-_INDEX_SUFFIX = re.compile(r"((?:_\d+)+)$")
-_ST_DTYPES = {
-    np.dtype(np.float32): "F32",
-    np.dtype(np.float16): "F16",
-    np.dtype(ml_dtypes.bfloat16): "BF16",
-    np.dtype(np.float64): "F64",
-    np.dtype(np.int64): "I64",
-    np.dtype(np.int32): "I32",
-}
+_ST_DTYPES = {np.dtype(v): k for k, v in _READ_DTYPES.items()}
 # The version written into diffusers' config.json when diffusers is not installed (the one the layout was
 # checked against).
 _DIFFUSERS_VERSION = "0.42.1"
 
 
-def torch_key(path: Path_) -> str:
-    """A Flax variable path → its diffusers / transformers state-dict key (inverse of `flax_candidates`)."""
-    collection, *mods, leaf = path
-    parts = []
-    for m in mods:
-        match = _INDEX_SUFFIX.search(m)
-        if match:
-            parts.append(m[: match.start()])
-            parts += match.group(1)[1:].split("_")
-        else:
-            parts.append(m)
-    if collection == "batch_stats":
-        name = _STATS.get(leaf)
-    elif collection == "params":
-        name = _LEAVES.get(leaf, leaf)
-    else:
-        name = None
-    key = ".".join([*parts, name or leaf])
-    if name is None or path not in flax_candidates(key):
-        raise WeightsError(f"no PyTorch name for the Flax variable {'/'.join(path)} (it would become {key!r})")
+def torch_key(path: tuple[str, ...]) -> str:
+    """A Flax variable path → its diffusers / transformers state-dict key (inverse of `layout.flax_candidates`)."""
+    key = layout.torch_key(path)
+    if key is None:
+        raise WeightsError(f"no PyTorch name for the Flax variable {'/'.join(path)}")
     return key
-
-
-def to_torch_layout(path: Path_, x: np.ndarray) -> np.ndarray:
-    """Inverse of `convert.to_flax_layout`: HWIO → OIHW, [in, out] → [out, in]."""
-    if path[-1] == "kernel" and x.ndim == 4:
-        return x.transpose(3, 2, 0, 1)
-    if path[-1] == "kernel" and x.ndim == 2:
-        return x.T
-    return x
 
 
 def torch_tensors(module: nn.Module, variables: Any, dtype: Any = None) -> list[tuple[str, tuple, np.dtype, Callable]]:
@@ -111,18 +64,14 @@ def torch_tensors(module: nn.Module, variables: Any, dtype: Any = None) -> list[
     for path, leaf in flat.items():
         key = torch_key(path)  # CLIP keeps `text_model.`: the Hub layout, which transformers 4 and 5 both load
         src_dtype = np.dtype(leaf.dtype)
-        dt = np.dtype(dtype) if dtype is not None and _is_float(src_dtype) else src_dtype
-        shape = _torch_shape(path, tuple(leaf.shape))
-        read = lambda leaf=leaf, path=path, dt=dt: np.asarray(to_torch_layout(path, np.asarray(leaf)), dt)
+        dt = np.dtype(dtype) if dtype is not None and is_float(src_dtype) else src_dtype
+        shape = layout.torch_shape(path, tuple(leaf.shape))
+        read = lambda leaf=leaf, path=path, dt=dt: np.asarray(layout.to_torch(path, np.asarray(leaf)), dt)
         out.append((key, shape, dt, read))
         if path[0] == "batch_stats" and path[-1] == "mean":
             zero = np.zeros((), np.int64)
             out.append((key.rsplit(".", 1)[0] + ".num_batches_tracked", (), zero.dtype, lambda z=zero: z))
     return out
-
-
-def _is_float(dt: np.dtype) -> bool:
-    return dt.kind == "f" or dt == np.dtype(ml_dtypes.bfloat16)
 
 
 def write_safetensors(
@@ -154,21 +103,27 @@ def write_safetensors(
 
 
 def component_config(module: nn.Module, dtype: Any = None) -> dict:
-    """The config.json diffusers (or transformers, for the CLIP text model) expects for `module`."""
-    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(module.config).items()}
-    if isinstance(module, CLIPTextModel):
-        name = np.dtype(dtype or module.param_dtype).name
+    """The config.json diffusers (or transformers) expects for `module`: its registry spec's class name and the
+    config's fields."""
+    spec = registry.for_module(module)
+    fields = {k: _jsonable(v) for k, v in dataclasses.asdict(module.config).items()}
+    if spec.library == "transformers":
         return {
-            "architectures": ["CLIPTextModel"],
-            "model_type": "clip_text_model",
+            "architectures": [spec.class_names[0]],
+            "model_type": spec.model_type,
             **fields,
-            "dtype": name,
+            "dtype": np.dtype(dtype or module.param_dtype).name,
             "transformers_version": _version("transformers", "5.0.0"),
         }
-    cls = next((n for c, n in _DIFFUSERS_CLASSES.items() if isinstance(module, c)), None)
-    if cls is None:
-        raise TypeError(f"not a wurst_jax model: {type(module).__name__}")
-    return {"_class_name": cls, "_diffusers_version": _version("diffusers", _DIFFUSERS_VERSION), **fields}
+    return {
+        "_class_name": spec.class_names[0],
+        "_diffusers_version": _version("diffusers", _DIFFUSERS_VERSION),
+        **fields,
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, tuple) else value
 
 
 def _version(package: str, default: str) -> str:
@@ -186,10 +141,10 @@ def export_component(module: nn.Module, variables: Any, folder: str | os.PathLik
     floating tensors; by default they keep the variables' dtype. Returns the folder.
     """
     folder = Path(folder)
+    spec = registry.for_module(module)
     folder.mkdir(parents=True, exist_ok=True)
-    stem = "model" if isinstance(module, CLIPTextModel) else "diffusion_pytorch_model"
     tensors = torch_tensors(module, variables, dtype)
-    write_safetensors(folder / f"{stem}.safetensors", tensors)
+    write_safetensors(folder / f"{spec.weights_stem}.safetensors", tensors)
     config = component_config(module, dtype)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
     return folder

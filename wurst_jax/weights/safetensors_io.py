@@ -19,7 +19,7 @@ import numpy as np
 
 from wurst_jax.weights.errors import WeightsError
 
-_DTYPES = {
+DTYPES = {
     "F64": np.float64,
     "F32": np.float32,
     "F16": np.float16,
@@ -58,7 +58,7 @@ class SafetensorsFile:
         self._entries = {}
         for key, info in header.items():
             try:
-                dtype = _DTYPES[info["dtype"]]
+                dtype = DTYPES[info["dtype"]]
                 shape = tuple(int(d) for d in info["shape"])
                 start, end = (int(o) for o in info["data_offsets"])
             except (KeyError, TypeError, ValueError):

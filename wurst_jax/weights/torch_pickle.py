@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from wurst_jax.weights.convert import TensorRef, state_dict_source
 from wurst_jax.weights.errors import WeightsError
+from wurst_jax.weights.mapping import TensorRef, state_dict_source
 
 # Which entry of a training checkpoint holds the weights, in order of preference (EMA weights are the ones
 # released for inference).

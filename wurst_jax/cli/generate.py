@@ -1,21 +1,16 @@
-"""`wurst-jax` command line: `generate` text-to-image PNGs."""
+"""`wurst-jax generate`: text-to-image PNGs."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from wurst_jax.conversion import add_convert_parser, run_convert
-from wurst_jax.scheduler import DEFAULT_STAGE_C_TIMESTEPS
-from wurst_jax.train.cli import add_train_parser, run_train
-from wurst_jax.train.prepare import add_prepare_parser, run_prepare
-
-_DTYPES = ("float32", "bfloat16")
+from wurst_jax.dtypes import DTYPES
+from wurst_jax.samplers import DEFAULT_STAGE_C_TIMESTEPS
 
 
-def _generate_parser(sub: argparse._SubParsersAction) -> None:
+def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate images from a text prompt", description=__doc__)
     p.add_argument("prompt", help="what to draw; Compel weighting such as '(red)1.3' or 'circle++' is understood")
     p.add_argument(
@@ -44,7 +39,9 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
         help="decoder guidance (default: the model's `default_decoder_guidance`, else 0: off, as diffusers)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same images")
-    p.add_argument("--dtype", choices=_DTYPES, default="bfloat16", help="compute and weight dtype (default bfloat16)")
+    p.add_argument(
+        "--dtype", choices=tuple(DTYPES), default="bfloat16", help="compute and weight dtype (default bfloat16)"
+    )
     p.add_argument("--offload", action="store_true", help="keep inactive stages in host memory")
     p.add_argument("--cache-dir", help="persistent compilation cache folder (later runs skip compiling)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -62,10 +59,10 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--process-id", type=int, help="multi-host: this process's index (with --coordinator)")
 
 
-TINY_MODEL = Path(__file__).resolve().parent / "assets" / "tiny"
+TINY_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny"
 
 
-def _model_defaults(model: Path) -> tuple[int, float]:
+def model_defaults(model: Path) -> tuple[int, float]:
     """(size, decoder guidance) a model was trained for: `default_size` and `default_decoder_guidance` in its
     model_index.json (the tiny model sets both), else v2's 1024 and diffusers' 0."""
     try:
@@ -94,7 +91,7 @@ def generate(args: argparse.Namespace) -> int:
         if args.prior is not None:
             raise ValueError("--prior needs --model")
         args.model, args.prior = str(TINY_MODEL / "wuerstchen"), str(TINY_MODEL / "wuerstchen-prior")
-    size, decoder_guidance = _model_defaults(Path(args.model))
+    size, decoder_guidance = model_defaults(Path(args.model))
     pipe = wj.WuerstchenPipeline.from_pretrained(
         decoder=args.model,
         prior=args.prior,
@@ -124,24 +121,3 @@ def generate(args: argparse.Namespace) -> int:
         image.save(path)
         print(path)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="wurst-jax", description="Würstchen v2 text-to-image in JAX/Flax")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _generate_parser(sub)
-    add_convert_parser(sub)
-    add_train_parser(sub)
-    add_prepare_parser(sub)
-    args = parser.parse_args(argv)
-    if args.command in ("convert", "prepare-data"):  # report their own errors (exit 2) and interruptions (130)
-        return {"convert": run_convert, "prepare-data": run_prepare}[args.command](args)
-    try:
-        return {"generate": generate, "train": run_train}[args.command](args)
-    except (ValueError, OSError) as e:  # bad input: one clear line, no traceback
-        print(f"wurst-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,13 +1,9 @@
-"""PyTorch state dict → Flax variables: a rename rule, a layout rule, and a check against `jax.eval_shape`.
+"""PyTorch state dict → Flax variables: names and layouts by `layout.py`, checked against `jax.eval_shape`.
 
-Rename: diffusers keys become Flax paths by joining a list index to the name before it
-(`blocks.3.attention.to_q.weight` → `params/blocks_3/attention/to_q/kernel`); the original Würstchen repo's
-names are first rewritten to diffusers' (`attn.in_proj_weight` split into to_q/to_k/to_v, `attn.out_proj` →
-`to_out.0`, `vquantizer.codebook` → `vquantizer.embedding`). BatchNorm running stats go to `batch_stats`.
-Layout: a 4-D `kernel` is OIHW → HWIO (ConvTranspose's [in, out, kh, kw] takes the same permutation and is
-used with `transpose_kernel=True`), a 2-D `kernel` is transposed, everything else is copied.
-Every key is matched and every shape checked before the first tensor is read; any mismatch raises one
-`WeightsError` listing all missing, unexpected and mis-shaped keys.
+Original-repo and wrapped names are first rewritten to diffusers' (`module.` / `_orig_mod.` prefixes dropped,
+`attn.in_proj_weight` split into to_q/to_k/to_v, `attn.out_proj` → `to_out.0`, `vquantizer.codebook` →
+`vquantizer.embedding`). Every key is matched and every shape checked before the first tensor is read; any
+mismatch raises one `WeightsError` listing all missing, unexpected and mis-shaped keys.
 """
 
 from __future__ import annotations
@@ -23,9 +19,9 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from wurst_jax.weights import layout
 from wurst_jax.weights.errors import WeightsError, mismatch_error
-
-Path = tuple[str, ...]
+from wurst_jax.weights.layout import Path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +38,6 @@ _ORIGINAL_RENAMES = (
     (re.compile(r"^vquantizer\.codebook\."), "vquantizer.embedding."),
 )
 _IN_PROJ = re.compile(r"(?:^|(?<=\.))attn\.in_proj_(weight|bias)$")
-_LEAF_CANDIDATES = {"weight": ("kernel", "scale", "embedding"), "bias": ("bias",)}
-_STATS = {"running_mean": "mean", "running_var": "var"}
 _SKIP_LEAVES = {"num_batches_tracked"}
 
 
@@ -83,33 +77,7 @@ def _put(out: dict[str, TensorRef], key: str, ref: TensorRef, original: str) -> 
     out[key] = ref
 
 
-def flax_candidates(key: str) -> list[Path]:
-    """The Flax variable paths a diffusers key may land on (the target tree decides which exists)."""
-    *mods, leaf = key.split(".")
-    path: list[str] = []
-    for m in mods:
-        if m.isdigit() and path:
-            path[-1] += f"_{m}"
-        else:
-            path.append(m)
-    if leaf in _STATS:
-        return [("batch_stats", *path, _STATS[leaf])]
-    return [("params", *path, name) for name in _LEAF_CANDIDATES.get(leaf, (leaf,))]
-
-
-def to_flax_layout(path: Path, x: np.ndarray) -> np.ndarray:
-    if path[-1] == "kernel" and x.ndim == 4:
-        return x.transpose(2, 3, 1, 0)
-    if path[-1] == "kernel" and x.ndim == 2:
-        return x.T
-    return x
-
-
-def _layout_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return to_flax_layout(path, np.empty(shape, dtype=np.bool_)).shape
-
-
-def convert(
+def to_variables(
     source: Mapping[str, TensorRef],
     target: Any,
     name: str,
@@ -130,14 +98,14 @@ def convert(
     for key, ref in canonical_source(source, root).items():
         if any(re.search(p, key) for p in ignore) or key.rsplit(".", 1)[-1] in _SKIP_LEAVES:
             continue
-        path = next((p for p in flax_candidates(key) if p in flat_target), None)
+        path = next((p for p in layout.flax_candidates(key) if p in flat_target), None)
         if path is None:
             unexpected.append(key)
             continue
         want = tuple(flat_target[path].shape)
-        got = _layout_shape(path, ref.shape)
+        got = layout.flax_shape(path, tuple(ref.shape))
         if got != want:
-            misshaped.append(f"{key}: checkpoint {tuple(ref.shape)}, model expects {_torch_shape(path, want)}")
+            misshaped.append(f"{key}: checkpoint {tuple(ref.shape)}, model expects {layout.torch_shape(path, want)}")
             misshaped_paths.add(path)
             continue
         plan[path] = (key, ref)
@@ -150,18 +118,9 @@ def convert(
         raw = _as_numpy(ref.read())
         if raw.shape != tuple(ref.shape):
             raise WeightsError(f"{name}: tensor {key!r} reads as {raw.shape}, its header says {tuple(ref.shape)}")
-        arr = to_flax_layout(path, raw)
+        arr = layout.to_flax(path, raw)
         out[path] = place(path, np.ascontiguousarray(arr), flat_target[path])
     return traverse_util.unflatten_dict(out)
-
-
-def _torch_shape(path: Path, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
-    if path[-1] == "kernel" and len(flax_shape) == 4:
-        h, w, i, o = flax_shape
-        return (o, i, h, w)
-    if path[-1] == "kernel" and len(flax_shape) == 2:
-        return flax_shape[::-1]
-    return flax_shape
 
 
 def _as_numpy(x: Any) -> np.ndarray:

@@ -1,0 +1,222 @@
+"""The component registry: the one place that names every kind of component wurst_jax can build, load, convert,
+export, shard and train.
+
+A `ComponentSpec` says, for one kind: its Flax module and config classes, the diffusers / transformers class names
+whose folders load as it, the weights file stem, the source keys dropped on load, the head counts tensor
+parallelism must split, the tensor names that identify its original single-file checkpoints and how their config
+is read off them, and the smallest inputs that create every parameter. Loading (`weights/load.py`), conversion
+(`weights/converted.py`), export (`weights/export.py`), sharding checks (`sharding.py`) and fine-tuning read it.
+Adding a component kind is one `register(ComponentSpec(...))` here plus the module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from wurst_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from wurst_jax.models.effnet import EfficientNetConfig, EfficientNetEncoder
+from wurst_jax.models.wuerstchen import (
+    PaellaVQModel,
+    StageAConfig,
+    StageBConfig,
+    StageCConfig,
+    WuerstchenDiffNeXt,
+    WuerstchenPrior,
+)
+
+Shapes = Mapping[str, tuple[int, ...]]  # tensor name (wrapper prefixes removed) → shape
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentSpec:
+    """Everything the rest of wurst_jax needs to know about one kind of component."""
+
+    kind: str  # the registry key ("prior", "decoder", ...)
+    module: type[nn.Module]
+    config: type  # a frozen dataclass whose field names are the diffusers / transformers config keys
+    class_names: tuple[str, ...]  # config.json `_class_name` / `architectures` that load as this kind; [0] is exported
+    example_inputs: Callable[[Any], tuple[jax.ShapeDtypeStruct, ...]]  # config → inputs creating every parameter
+    library: str = "diffusers"  # who reads the exported folder: "diffusers" or "transformers"
+    model_type: str | None = None  # transformers' `model_type` (also identifies a folder)
+    folder: str = ""  # the component folder it usually lives in inside a pipeline folder
+    ignore: tuple[str, ...] = ()  # regexes of source keys dropped silently on load (buffers)
+    root: str = ""  # a top-level module name some writers omit (transformers ≥ 5 saves CLIP without it)
+    heads: Callable[[Any], Sequence[int]] = lambda config: ()  # attention head counts tensor parallelism splits
+    markers: tuple[str, ...] = ()  # regexes of tensor names only this kind's checkpoints have
+    stage: str | None = None  # the name `convert --stage` takes for a single original file (None: no such file)
+    infer_config: Callable[[Shapes], Any] | None = None  # a single file's config from its tensors (None: default)
+
+    @property
+    def weights_stem(self) -> str:
+        return "model" if self.library == "transformers" else "diffusion_pytorch_model"
+
+    def build(self, config: Any, dtype: Any = jnp.float32, param_dtype: Any = None) -> nn.Module:
+        return self.module(config, dtype=dtype, param_dtype=param_dtype or dtype)
+
+    def single_file_config(self, shapes: Shapes) -> Any:
+        """The config of an original single-file checkpoint with these tensors (no config.json beside it)."""
+        return self.infer_config(shapes) if self.infer_config else self.config()
+
+    def detects(self, keys: Sequence[str]) -> str | None:
+        """The first of `keys` that only this kind's checkpoints have, else None."""
+        return next((k for k in keys for m in self.markers if re.search(m, k)), None)
+
+
+_REGISTRY: dict[str, ComponentSpec] = {}
+
+
+def register(spec: ComponentSpec) -> ComponentSpec:
+    if spec.kind in _REGISTRY:
+        raise ValueError(f"component kind {spec.kind!r} is registered twice")
+    _REGISTRY[spec.kind] = spec
+    return spec
+
+
+def kinds() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def specs() -> tuple[ComponentSpec, ...]:
+    return tuple(_REGISTRY.values())
+
+
+def get(kind: str) -> ComponentSpec:
+    if kind not in _REGISTRY:
+        raise ValueError(f"unknown component kind {kind!r}; expected one of {kinds()}")
+    return _REGISTRY[kind]
+
+
+def for_module(module: nn.Module) -> ComponentSpec:
+    """The spec of a module instance (its exact class)."""
+    spec = next((s for s in _REGISTRY.values() if type(module) is s.module), None)
+    if spec is None:
+        raise TypeError(f"not a wurst_jax model: {type(module).__name__}")
+    return spec
+
+
+def for_class_names(names: Sequence[str | None]) -> ComponentSpec | None:
+    """The spec a config.json names (its `_class_name`, `architectures` entries or `model_type`), if any."""
+    for name in names:
+        for spec in _REGISTRY.values():
+            if name in spec.class_names or (name is not None and name == spec.model_type):
+                return spec
+    return None
+
+
+def class_names() -> tuple[str, ...]:
+    return tuple(n for s in _REGISTRY.values() for n in s.class_names)
+
+
+def single_file_stages() -> tuple[str, ...]:
+    """The `--stage` names of the kinds that have original single-file checkpoints, in registry order."""
+    return tuple(dict.fromkeys(s.stage for s in _REGISTRY.values() if s.stage))
+
+
+def detect(keys: Sequence[str]) -> tuple[ComponentSpec, str] | None:
+    """(spec, an identifying tensor name) of the kind a set of tensor names (prefixes removed) belongs to."""
+    for spec in _REGISTRY.values():
+        if key := spec.detects(keys):
+            return spec, key
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the kinds
+
+
+def _s(*shape: int, dtype: Any = jnp.float32) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _effnet_config(shapes: Shapes) -> EfficientNetConfig:
+    """EfficientNetV2-S or -L (the -L backbone has a 9th part, `backbone.8`), mapper BatchNorm affine or not."""
+    large = any(k.startswith("backbone.8.") for k in shapes)
+    return EfficientNetConfig(
+        effnet="efficientnet_v2_l" if large else "efficientnet_v2_s", mapper_affine="mapper.1.weight" in shapes
+    )
+
+
+def _heads(*counts: Any) -> tuple[int, ...]:
+    flat = [c for x in counts for c in (x if isinstance(x, tuple) else (x,))]
+    return tuple(c for c in flat if c and c > 0)
+
+
+register(
+    ComponentSpec(
+        kind="prior",
+        module=WuerstchenPrior,
+        config=StageCConfig,
+        class_names=("WuerstchenPrior",),
+        example_inputs=lambda c: (_s(1, 4, 4, c.c_in), _s(1), _s(1, 4, c.c_cond)),
+        folder="prior",
+        heads=lambda c: _heads(c.nhead),
+        markers=(r"^cond_mapper\.",),
+        stage="prior",
+    )
+)
+register(
+    ComponentSpec(
+        kind="decoder",
+        module=WuerstchenDiffNeXt,
+        config=StageBConfig,
+        class_names=("WuerstchenDiffNeXt",),
+        example_inputs=lambda c: (
+            _s(1, c.downscale, c.downscale, c.c_in),
+            _s(1),
+            _s(1, 4, 4, c.effnet_embd),
+            _s(1, 4, c.clip_embd),
+        ),
+        folder="decoder",
+        heads=lambda c: _heads(c.nhead),
+        markers=(r"^(effnet_mappers|clip_mapper)\.",),
+        stage="decoder",
+    )
+)
+register(
+    ComponentSpec(
+        kind="vqgan",
+        module=PaellaVQModel,
+        config=StageAConfig,
+        class_names=("PaellaVQModel",),
+        example_inputs=lambda c: (_s(1, *(2 * c.up_down_scale_factor * 2 ** (c.levels - 1),) * 2, c.in_channels),),
+        folder="vqgan",
+        markers=(r"^vquantizer\.",),
+        stage="vqgan",
+    )
+)
+register(
+    ComponentSpec(
+        kind="text_encoder",
+        module=CLIPTextModel,
+        config=CLIPTextConfig,
+        class_names=("CLIPTextModel", "CLIPTextModelWithProjection"),
+        example_inputs=lambda c: (_s(1, 4, dtype=jnp.int32), _s(1, 4, dtype=jnp.int32)),
+        library="transformers",
+        model_type="clip_text_model",
+        folder="text_encoder",
+        ignore=(r"position_ids$", r"^text_projection\."),
+        root="text_model.",
+        heads=lambda c: _heads(c.num_attention_heads),
+        markers=(r"(^|\.)token_embedding\.",),
+    )
+)
+register(
+    ComponentSpec(
+        kind="effnet",
+        module=EfficientNetEncoder,
+        config=EfficientNetConfig,
+        class_names=("EfficientNetEncoder",),  # the class of diffusers' Würstchen training example
+        example_inputs=lambda c: (_s(1, 32, 32, 3),),
+        folder="effnet",
+        markers=(r"^backbone\.\d+\.",),
+        stage="effnet",
+        infer_config=_effnet_config,
+    )
+)

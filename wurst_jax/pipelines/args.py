@@ -1,0 +1,56 @@
+"""Checks of pipeline arguments, shared by every pipeline: each error names the argument and what was expected."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from wurst_jax.samplers import Sampler
+
+
+def as_list(name: str, value: Any, allow_none: bool = False) -> list[str] | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(p, str) for p in value):
+        return list(value)
+    raise ValueError(f"`{name}` must be a string or a non-empty list of strings, got {value!r}")
+
+
+def per_image(name: str, value: Any, n: int) -> list[str]:
+    """One text per image: a single text is shared, k texts (k dividing n) each cover n / k consecutive images."""
+    texts = as_list(name, value)
+    if n % len(texts):
+        raise ValueError(f"`{name}` has {len(texts)} entries, which does not divide the {n} images")
+    return [t for t in texts for _ in range(n // len(texts))]
+
+
+def check_int(name: str, value: Any, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"`{name}` must be an integer ≥ {low}, got {value!r}")
+    return int(value)
+
+
+def check_guidance(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"`{name}` must be a finite number ≥ 0, got {value!r}")
+    return float(value)
+
+
+def check_output_type(value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"`output_type` must be one of {allowed}, got {value!r}")
+    return value
+
+
+def schedule(sampler: Sampler, name: str, steps: Any, timesteps: Any, t_start: float = 1.0) -> np.ndarray:
+    """The sampler's timesteps [S + 1] from `steps` or explicit `timesteps`; errors name the argument."""
+    try:
+        if timesteps is not None:
+            return sampler.timesteps(timesteps=list(timesteps), t_start=t_start)
+        return sampler.timesteps(num_inference_steps=check_int(name, steps), t_start=t_start)
+    except ValueError as e:
+        raise ValueError(f"{e} (pipeline argument `{name}` / its timesteps)") from None

@@ -1,0 +1,116 @@
+"""The stage runner every diffusion stage of every pipeline uses: initial latents → one compiled denoising loop →
+final latents, kept on the device.
+
+A stage is described by its component, a `model_fn(module, variables, x, r, conditioning)` (how the family's
+model is called), a sampler and the two random streams it draws from. Conditioning is a dict of arrays [N, ...]
+(host or device); with classifier-free guidance the unconditional dict has the same structure and both halves
+run as one batch inside the loop. Batches are padded to the mesh's data axis; the result keeps that padding
+(`n` real rows first) so the next stage can take it without a trip through the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wurst_jax.pipelines import random
+from wurst_jax.pipelines.components import Component
+from wurst_jax.pipelines.runtime import CompileCache
+from wurst_jax.samplers import Sampler, denoise_loop, guided
+from wurst_jax.sharding import ShardingPlan
+
+ModelFn = Callable[[Any, Any, jax.Array, jax.Array, dict], jax.Array]  # (module, variables, x, r, conditioning)
+
+
+def run_loop(
+    variables: Any,
+    noise: jax.Array,
+    timesteps: jax.Array,
+    step_noise: jax.Array,
+    cond: dict,
+    uncond: dict | None,
+    guidance: jax.Array,
+    x_init: jax.Array | None,
+    *,
+    module: Any,
+    model_fn: ModelFn,
+    sampler: Sampler,
+) -> jax.Array:
+    """The compiled body of a stage: `denoise_loop` over `model_fn`, guided when `uncond` is given."""
+    model = lambda x, r, c: model_fn(module, variables, x, r, c)  # noqa: E731
+    if uncond is None:
+        return denoise_loop(model, cond, sampler, timesteps, noise, step_noise, x_init)
+    both = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b.astype(a.dtype)]), cond, uncond)
+    return denoise_loop(guided(model, guidance), both, sampler, timesteps, noise, step_noise, x_init)
+
+
+class StageRunner:
+    """One diffusion stage of a pipeline (see the module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        component: Component,
+        model_fn: ModelFn,
+        sampler: Sampler,
+        plan: ShardingPlan,
+        compiler: CompileCache,
+        streams: tuple[random.Stream, random.Stream],
+    ):
+        self.name, self.component, self.model_fn, self.sampler = name, component, model_fn, sampler
+        self.plan, self.compiler, self.streams = plan, compiler, streams
+
+    def __call__(
+        self,
+        n: int,
+        shape: tuple[int, ...],
+        timesteps: np.ndarray,
+        cond: dict,
+        uncond: dict | None = None,
+        guidance: float = 0.0,
+        seed: Any = None,
+        latents: Any = None,
+        step_noise: Any = None,
+        x_init: Any = None,
+    ) -> jax.Array:
+        """The final latents [padded N, *shape] (f32, on the device). `latents` / `step_noise` ([S, N, *shape])
+        replace what `seed` draws; `x_init` [N, *shape] starts from that sample noised to `timesteps[0]`."""
+        steps = len(timesteps) - 1
+        keys = random.image_keys(seed, n) if latents is None or step_noise is None else None
+        x = random.draw(keys, self.streams[0], shape) if latents is None else given("latents", latents, (n, *shape))
+        if step_noise is None:
+            eps = random.step_noise(keys, self.streams[1], steps, shape)
+        else:
+            eps = given("step_noise", step_noise, (steps, n, *shape))
+        plan = self.plan
+        batch = lambda tree: None if tree is None else jax.tree_util.tree_map(plan.batch, tree)  # noqa: E731
+        grid = "×".join(map(str, shape[:-1]))
+        detail = f"{steps} steps × {n} images{' + CFG' if uncond is not None else ''}, latent {grid}"
+        static = {"module": self.component.module, "model_fn": self.model_fn, "sampler": self.sampler}
+        with self.component.on_device() as variables:
+            return self.compiler(
+                self.name,
+                run_loop,
+                static,
+                variables,
+                plan.batch(x),
+                plan.replicated(np.asarray(timesteps, np.float32)),
+                plan.batch(eps, axis=1),
+                batch(cond),
+                batch(uncond),
+                plan.replicated(np.float32(guidance)),
+                None if x_init is None else plan.batch(x_init),
+                detail=detail,
+            )
+
+
+def given(name: str, value: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """A caller-given array checked against the shape the stage needs."""
+    arr = ShardingPlan.host(value).astype(np.float32)
+    if arr.shape != shape:
+        raise ValueError(f"`{name}` has shape {arr.shape}, expected {shape}")
+    return arr
