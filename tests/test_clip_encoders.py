@@ -21,7 +21,7 @@ from wurst_jax.models import clip_text, clip_vision
 from wurst_jax.models.clip_image import preprocess
 from wurst_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from wurst_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
-from wurst_jax.weights.convert import convert, state_dict_source
+from wurst_jax.weights.mapping import state_dict_source, to_variables
 
 TOL = 1e-4
 # transformers' CLIPTextModelWithProjection (ViT-bigG text, projection 1280) and CLIPVisionModelWithProjection
@@ -42,7 +42,7 @@ def load_saved(ref, folder, module, inputs):
     """`ref.save_pretrained(folder)`, then its model.safetensors converted onto `module`'s variables."""
     ref.save_pretrained(folder)
     sd = load_file(folder / "model.safetensors")
-    return convert(state_dict_source(sd), abstract(module, inputs), str(folder), (r"position_ids$",))
+    return to_variables(state_dict_source(sd), abstract(module, inputs), str(folder), (r"position_ids$",))
 
 
 def text_ids(eos: int) -> tuple[np.ndarray, np.ndarray]:

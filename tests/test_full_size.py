@@ -17,9 +17,23 @@ from wurst_jax.models import abstract_variables, param_count
 # Documented configs of the released checkpoints (warp-ai/wuerstchen-prior; the prior and decoder text towers).
 PRIOR_CONFIG = dict(c_in=16, c=1536, c_cond=1280, c_r=64, depth=32, nhead=24, dropout=0.1)
 CLIP_BIGG = dict(
-    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20
+    vocab_size=49408,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    projection_dim=1280,
+    eos_token_id=2,  # laion's bigG configs carry the legacy value (the legacy pooling rule)
 )
-CLIP_H = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
+CLIP_H = dict(
+    vocab_size=49408,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    projection_dim=1024,
+    eos_token_id=49407,
+)
 CLIP_COMMON = dict(max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5)
 
 # name: (our module, the torch reference built on the meta device, exact parameter count)

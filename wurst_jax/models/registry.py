@@ -20,7 +20,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from wurst_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from wurst_jax.models import clip_text, clip_vision
+from wurst_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from wurst_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
 from wurst_jax.models.effnet import EfficientNetConfig, EfficientNetEncoder
 from wurst_jax.models.wuerstchen import (
     PaellaVQModel,
@@ -64,9 +66,10 @@ class ComponentSpec:
         """The config of an original single-file checkpoint with these tensors (no config.json beside it)."""
         return self.infer_config(shapes) if self.infer_config else self.config()
 
-    def detects(self, keys: Sequence[str]) -> str | None:
-        """The first of `keys` that only this kind's checkpoints have, else None."""
-        return next((k for k in keys for m in self.markers if re.search(m, k)), None)
+    def detects(self, keys: Sequence[str]) -> list[str]:
+        """For each of `markers` that some key matches, the first such key."""
+        found = (next((k for k in keys if re.search(m, k)), None) for m in self.markers)
+        return [k for k in found if k is not None]
 
 
 _REGISTRY: dict[str, ComponentSpec] = {}
@@ -120,11 +123,15 @@ def single_file_stages() -> tuple[str, ...]:
 
 
 def detect(keys: Sequence[str]) -> tuple[ComponentSpec, str] | None:
-    """(spec, an identifying tensor name) of the kind a set of tensor names (prefixes removed) belongs to."""
-    for spec in _REGISTRY.values():
-        if key := spec.detects(keys):
-            return spec, key
-    return None
+    """(spec, an identifying tensor name) of the kind a set of tensor names (prefixes removed) belongs to: the kind
+    with the most markers matched, so a kind whose markers extend another's wins on its own checkpoints."""
+    hits = [
+        (len(found), -i, spec, found[0]) for i, spec in enumerate(_REGISTRY.values()) if (found := spec.detects(keys))
+    ]
+    if not hits:
+        return None
+    _, _, spec, key = max(hits, key=lambda h: h[:2])  # the most markers matched; ties: the first registered
+    return spec, key
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -196,8 +203,8 @@ register(
         kind="text_encoder",
         module=CLIPTextModel,
         config=CLIPTextConfig,
-        class_names=("CLIPTextModel", "CLIPTextModelWithProjection"),
-        example_inputs=lambda c: (_s(1, 4, dtype=jnp.int32), _s(1, 4, dtype=jnp.int32)),
+        class_names=("CLIPTextModel",),
+        example_inputs=clip_text.example_inputs,
         library="transformers",
         model_type="clip_text_model",
         folder="text_encoder",
@@ -205,6 +212,21 @@ register(
         root="text_model.",
         heads=lambda c: _heads(c.num_attention_heads),
         markers=(r"(^|\.)token_embedding\.",),
+    )
+)
+register(
+    ComponentSpec(
+        kind="text_encoder_projection",
+        module=CLIPTextModelWithProjection,
+        config=CLIPTextConfig,
+        class_names=("CLIPTextModelWithProjection",),
+        example_inputs=clip_text.example_inputs,
+        library="transformers",
+        model_type="clip_text_model",  # shared with "text_encoder", which a bare model_type names first
+        folder="text_encoder",
+        ignore=(r"position_ids$",),
+        heads=lambda c: _heads(c.num_attention_heads),
+        markers=(r"(^|\.)token_embedding\.", r"^text_projection\."),  # all of text_encoder's, and more
     )
 )
 register(
@@ -218,5 +240,20 @@ register(
         markers=(r"^backbone\.\d+\.",),
         stage="effnet",
         infer_config=_effnet_config,
+    )
+)
+register(
+    ComponentSpec(
+        kind="image_encoder",
+        module=CLIPVisionModelWithProjection,
+        config=CLIPVisionConfig,
+        class_names=("CLIPVisionModelWithProjection",),
+        example_inputs=clip_vision.example_inputs,
+        library="transformers",
+        model_type="clip_vision_model",
+        folder="image_encoder",
+        ignore=(r"position_ids$",),
+        heads=lambda c: _heads(c.num_attention_heads),
+        markers=(r"(^|\.)patch_embedding\.",),
     )
 )
