@@ -4,7 +4,7 @@ semantic encoder is not part of the exported pipeline.
 
 Usage: python benchmarks/tiny_stage_b_check.py --config wurst_jax/train/configs/tiny.json
 (the run's config: its `out` folder and its "model" section, as `wurst-jax train` reads them).
-Scores (wurst_jax.train.checker) over `--n` single-object held-out scenes; Stage B 12 steps at decoder guidance
+Scores (wurst_jax.tiny.checker) over `--n` single-object held-out scenes; Stage B 12 steps at decoder guidance
 0 / 2 / 4 with the same noise; Stage B weights: the EMA of the newest `ckpt_b` checkpoint.
 """
 
@@ -20,11 +20,11 @@ from transformers import AutoTokenizer
 
 from wurst_jax import sampling
 from wurst_jax import scheduler as sched
-from wurst_jax.train.checker import score
+from wurst_jax.tiny.checker import score
 from wurst_jax.train.cli import ASSETS
-from wurst_jax.train.data import render, sample_scenes
+from wurst_jax.tiny.data import render, sample_scenes
 from wurst_jax.train.state import Checkpoints, create_state, make_optimizer
-from wurst_jax.train.tiny import absorb, caption_tokens, init_variables, modules, tiny_config, trainable
+from wurst_jax.tiny.recipe import absorb, caption_tokens, init_variables, modules, tiny_config, trainable
 from wurst_jax.weights.orbax_io import restore_variables
 
 

@@ -16,7 +16,7 @@ from wurst_jax.train.state import (
     make_train_step,
     state_shardings,
 )
-from wurst_jax.train.tiny import (
+from wurst_jax.tiny.recipe import (
     RunConfig,
     TinyConfig,
     _Batches,
@@ -136,7 +136,7 @@ def test_prefetching_workers_make_the_same_batches():
     from transformers import AutoTokenizer
 
     from wurst_jax.train.cli import ASSETS
-    from wurst_jax.train.data import batches
+    from wurst_jax.tiny.data import batches
 
     tok = AutoTokenizer.from_pretrained(str(ASSETS / "tokenizer"))
     here, pool = _Batches(tok, 32, 4, seed=3), _Batches(tok, 32, 4, seed=3, workers=2)

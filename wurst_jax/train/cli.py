@@ -55,7 +55,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_config(raw: dict, stage: str):
-    from wurst_jax.train.tiny import RunConfig
+    from wurst_jax.tiny.recipe import RunConfig
 
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     merged = {**{k: v for k, v in raw.items() if k in fields}, **raw.get(stage, {})}
@@ -69,7 +69,7 @@ def run_train(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from wurst_jax.train.finetune import is_finetune
-    from wurst_jax.train.tiny import export, init_variables, modules, tiny_config, train_stage
+    from wurst_jax.tiny.recipe import export, init_variables, modules, tiny_config, train_stage
     from wurst_jax.weights.orbax_io import restore_variables, save_variables
 
     if args.cache_dir:

@@ -56,7 +56,7 @@ from wurst_jax.train.state import (
     state_shardings,
     train_loop,
 )
-from wurst_jax.train.tiny import RunConfig, caption_tokens
+from wurst_jax.tiny.recipe import RunConfig, caption_tokens
 
 STAGES = ("a", "b", "c")
 COMPONENT = {"c": "prior", "b": "decoder", "a": "vqgan"}  # the folder each stage trains

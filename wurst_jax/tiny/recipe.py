@@ -32,7 +32,7 @@ from wurst_jax.models import (
     WuerstchenPrior,
 )
 from wurst_jax.train import objectives
-from wurst_jax.train.semantic import SemanticEncoder
+from wurst_jax.tiny.semantic import SemanticEncoder
 from wurst_jax.train.state import (
     Checkpoints,
     create_state,
@@ -171,7 +171,7 @@ def _set_tokenizer(tokenizer) -> None:
 def _tiny_batch(size: int, batch_size: int, seed: int, step: int, tokenizer=None) -> dict:
     """Batch `step` of a run: a function of (seed, step) alone, so a resumed run sees exactly the batches it
     would have seen, whichever process makes it. Images travel as uint8 (made float32 by `_as_float`)."""
-    from wurst_jax.train.data import batches
+    from wurst_jax.tiny.data import batches
 
     b = next(batches(seed * 1_000_003 + step, batch_size, size=size, split="train"))
     ids, mask = caption_tokens(tokenizer or _TOKENIZER, b["captions"])
