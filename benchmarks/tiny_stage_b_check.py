@@ -9,7 +9,6 @@ Scores (wurst_jax.tiny.checker) over `--n` single-object held-out scenes; Stage 
 """
 
 import argparse
-import json
 from functools import partial
 from pathlib import Path
 
@@ -20,11 +19,13 @@ from transformers import AutoTokenizer
 
 from wurst_jax import sampling
 from wurst_jax import scheduler as sched
+from wurst_jax.prompts import caption_tokens
 from wurst_jax.tiny.checker import score
-from wurst_jax.train.cli import ASSETS
 from wurst_jax.tiny.data import render, sample_scenes
+from wurst_jax.tiny.recipe import absorb, init_variables, modules, tiny_config, trainable
+from wurst_jax.train.cli import ASSETS
+from wurst_jax.train.config import read_config, tiny_run_config
 from wurst_jax.train.state import Checkpoints, create_state, make_optimizer
-from wurst_jax.tiny.recipe import absorb, caption_tokens, init_variables, modules, tiny_config, trainable
 from wurst_jax.weights.orbax_io import restore_variables
 
 
@@ -33,9 +34,9 @@ def main():
     ap.add_argument("--config", required=True, help="the tiny run's JSON config (its 'out' holds variables, ckpt_b)")
     ap.add_argument("--n", type=int, default=64)
     a = ap.parse_args()
-    raw = json.loads(Path(a.config).read_text())
-    cfg = tiny_config(raw.get("model"), raw.get("size", 64))
-    mods, run = modules(cfg), Path(raw["out"])
+    tiny = tiny_run_config(read_config(a.config), None, a.config)
+    cfg = tiny_config(tiny.model, tiny.size, a.config)
+    mods, run = modules(cfg), Path(tiny.out)
     v = restore_variables(run / "variables", jax.eval_shape(lambda: init_variables(cfg, mods)))
     params, _ = trainable("b", v)
     like = jax.eval_shape(lambda: create_state(params, make_optimizer(1e-3), 0, {}))
