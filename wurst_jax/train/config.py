@@ -274,6 +274,22 @@ _TYPES: dict[str, Callable[[Any], bool]] = {
 }
 
 
+_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "None": "null"}
+_LISTS = {"int": "integers", "float": "numbers", "bool": "true / false", "str": "strings"}
+
+
+def _describe(annotation: str) -> str:
+    """`float | tuple[float, ...]` → "a number or a list of numbers"."""
+    words = []
+    for alt in (a.strip() for a in re.split(r"\|(?![^\[]*\])", annotation)):
+        m = re.fullmatch(r"tuple\[(\w+), \.\.\.\]", alt)
+        if m:
+            words.append(f"a list of {_LISTS[m.group(1)]}" if m.group(1) in _LISTS else alt)
+        else:
+            words.append(_WORDS.get(alt, alt))
+    return " or ".join(words)
+
+
 def _fits(value: Any, annotation: str) -> bool | None:
     """Whether `value` (JSON: lists for tuples) fits a field annotation such as `int`, `tuple[int, ...]` or
     `float | tuple[float, ...]`; None when the annotation is not one of those (then anything is let through)."""
@@ -304,7 +320,7 @@ def replace_checked(default: Any, values: Any, name: str, key: str) -> Any:
     for k, v in values.items():
         annotation = fields[k].type if isinstance(fields[k].type, str) else getattr(fields[k].type, "__name__", "")
         if _fits(v, annotation) is False:
-            raise ValueError(f"{name}: key '{key}.{k}' must be {annotation}, got {_short(v)}")
+            raise ValueError(f"{name}: key '{key}.{k}' must be {_describe(annotation)}, got {_short(v)}")
     try:
         return dataclasses.replace(default, **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     except (TypeError, ValueError) as e:  # the dataclass's own checks (__post_init__)
