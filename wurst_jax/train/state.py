@@ -249,6 +249,8 @@ def train_loop(
     prepares the next batch while the device runs the step. With `max_seconds` the loop also ends (logged and
     saved like the last step) at the first step that finishes that long after it started: a run inside a job's
     time limit, continued by running it again."""
+    if log_every < 1 or ckpt_every < 1:
+        raise ValueError(f"log_every and ckpt_every must be >= 1, got {log_every} and {ckpt_every}")
     t0, losses, k = time.perf_counter(), [], int(state.step)
     deadline = None if max_seconds is None else t0 + max_seconds
     while k < steps:
