@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/tiny_accuracy.py [--model DIR --prior DIR] [--per-combination 8] [--out-dir benchmarks]
 Default model: the one shipped in wurst_jax/assets/tiny. Prompts: "a {colour} {shape} on a {colour} background"
-for the 12 held-out (colour, shape, background) combinations; images scored by wurst_jax.train.checker.
+for the 12 held-out (colour, shape, background) combinations; images scored by wurst_jax.tiny.checker.
 Targets (the training issue): colour ≥ 90 %, shape ≥ 75 %, background ≥ 90 % on held-out combinations.
 """
 
@@ -20,8 +20,8 @@ import numpy as np
 
 import wurst_jax as wj
 from wurst_jax.cli.generate import TINY_MODEL, model_defaults
-from wurst_jax.train.checker import score
-from wurst_jax.train.data import Scene, heldout_combinations, train_combinations
+from wurst_jax.tiny.checker import score
+from wurst_jax.tiny.data import Scene, heldout_combinations, train_combinations
 
 
 def evaluate(pipe, combos, per, seed, size, prior_guidance=4.0, decoder_guidance=0.0):

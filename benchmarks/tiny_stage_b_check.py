@@ -4,12 +4,11 @@ semantic encoder is not part of the exported pipeline.
 
 Usage: python benchmarks/tiny_stage_b_check.py --config wurst_jax/train/configs/tiny.json
 (the run's config: its `out` folder and its "model" section, as `wurst-jax train` reads them).
-Scores (wurst_jax.train.checker) over `--n` single-object held-out scenes; Stage B 12 steps at decoder guidance
+Scores (wurst_jax.tiny.checker) over `--n` single-object held-out scenes; Stage B 12 steps at decoder guidance
 0 / 2 / 4 with the same noise; Stage B weights: the EMA of the newest `ckpt_b` checkpoint.
 """
 
 import argparse
-import json
 from functools import partial
 from pathlib import Path
 
@@ -18,14 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 from transformers import AutoTokenizer
 
+from wurst_jax.pipelines.prompts import caption_tokens
 from wurst_jax.pipelines.runner import run_loop
 from wurst_jax.pipelines.wuerstchen import decode_images, decoder_model
 from wurst_jax.samplers import ddpm_wuerstchen as sched
-from wurst_jax.train.checker import score
+from wurst_jax.tiny.checker import score
+from wurst_jax.tiny.data import render, sample_scenes
+from wurst_jax.tiny.recipe import absorb, init_variables, modules, tiny_config, trainable
 from wurst_jax.train.cli import ASSETS
-from wurst_jax.train.data import render, sample_scenes
+from wurst_jax.train.config import read_config, tiny_run_config
 from wurst_jax.train.state import Checkpoints, create_state, make_optimizer
-from wurst_jax.train.tiny import absorb, caption_tokens, init_variables, modules, tiny_config, trainable
 from wurst_jax.weights.orbax_io import restore_variables
 
 
@@ -34,9 +35,9 @@ def main():
     ap.add_argument("--config", required=True, help="the tiny run's JSON config (its 'out' holds variables, ckpt_b)")
     ap.add_argument("--n", type=int, default=64)
     a = ap.parse_args()
-    raw = json.loads(Path(a.config).read_text())
-    cfg = tiny_config(raw.get("model"), raw.get("size", 64))
-    mods, run = modules(cfg), Path(raw["out"])
+    tiny = tiny_run_config(read_config(a.config), None, a.config)
+    cfg = tiny_config(tiny.model, tiny.size, a.config)
+    mods, run = modules(cfg), Path(tiny.out)
     v = restore_variables(run / "variables", jax.eval_shape(lambda: init_variables(cfg, mods)))
     params, _ = trainable("b", v)
     like = jax.eval_shape(lambda: create_state(params, make_optimizer(1e-3), 0, {}))

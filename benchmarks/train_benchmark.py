@@ -3,11 +3,12 @@ the same for Stage B (the ~1B-parameter decoder: Stage A latents [B, res/4, res/
 CLIP ViT-H text states as conditions, `objectives.stage_b_loss` with 10 % conditioning dropout).
 
 Usage (repo root):  python benchmarks/train_benchmark.py --config v2 --batch 8 [--sharding fsdp] [--steps 10]
-One train step is the library's own: `objectives.stage_c_loss` (P2-weighted ε-MSE, dropout on) through
-`make_train_step` (AdamW with warm-up and global-norm clipping from `make_optimizer`, EMA of the params), jitted by
-`jit_train_step` with the state donated. Params are f32 masters, the math bf16 (`dtype=bfloat16`,
-`param_dtype=float32`). Inputs are Stage C latents [B, h, h, 16] (h = ceil(res / 42.67): 24 at 1024²) and CLIP
-text states [B, 77, c_cond], random, placed once: the figures are the step's, not a data pipeline's.
+One train step is the fine-tune's own: `objectives.component_loss` (Stage C: P2-weighted ε-MSE with 10 % text
+dropout to the empty prompt's states, zeros here; model dropout on) through `build_train_setup` (AdamW with
+warm-up and global-norm clipping from `make_optimizer`, EMA of the params), jitted with the state donated.
+Params are f32 masters, the math bf16 (`dtype=bfloat16`, `param_dtype=float32`). Inputs are Stage C latents
+[B, h, h, 16] (h = ceil(res / 42.67): 24 at 1024²) and CLIP text states [B, 77, c_cond], random, placed once: the
+figures are the step's, not a data pipeline's.
 With more than one device the state is sharded over a ("data", "model") mesh as `--sharding` says (dp: params
 replicated; fsdp: every param, its Adam moments and its EMA split) and the batch over "data"; the state is made
 by jits with `out_shardings` (never the full tree on one device first; `--init`, see `make_state`). On one
@@ -53,21 +54,17 @@ import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 import wurst_jax as wj  # noqa: E402
-from wurst_jax.models import abstract_variables, example_inputs  # noqa: E402
+from wurst_jax.models import example_inputs  # noqa: E402
 from wurst_jax.sharding import DATA  # noqa: E402
 from wurst_jax.train import objectives  # noqa: E402
-from wurst_jax.train.state import (  # noqa: E402
-    batch_sharding,
-    create_state,
-    jit_train_step,
-    make_optimizer,
-    make_train_step,
-    state_shardings,
-)
+from wurst_jax.train.config import RunConfig  # noqa: E402
+from wurst_jax.train.setup import build_train_setup  # noqa: E402
+from wurst_jax.train.state import batch_sharding  # noqa: E402
 
 BENCHMARK = "train_step_stage_{}"
 TEXT_LEN = 77
-LR, WARMUP_SCHEDULE, EMA_DECAY, SEED = 1e-4, 100, 0.999, 0
+LR, WARMUP_SCHEDULE, EMA_DECAY, SEED, COND_DROPOUT = 1e-4, 100, 0.999, 0, 0.1
+RUN = RunConfig(lr=LR, warmup_steps=WARMUP_SCHEDULE, ema_decay=EMA_DECAY, seed=SEED, cond_dropout=COND_DROPOUT)
 DEFAULTS = {"v2": dict(res=1024, batch=8), "small": dict(res=256, batch=8)}  # small: divides 8 fake CPU devices
 KEYS = ("implementation", "benchmark", "device", "date", "config", "batch", "samples_per_s", "seconds_per_step")
 KEYS += ("mfu", "flops_per_step", "compile_s", "peak_mem_bytes", "params")
@@ -97,29 +94,24 @@ def latent_side(res: int) -> int:
 
 
 def build(a) -> dict:
-    """Module, optimizer, train step, mesh and the abstract state with its shardings (nothing allocated yet)."""
+    """Module, train setup (optimizer, step, abstract state and its shardings), mesh and batch shapes: nothing
+    allocated yet (`make_state` makes the state)."""
     options = dict(dtype=jnp.bfloat16, param_dtype=jnp.float32, scan_blocks=a.scan_blocks, remat=a.remat)
     if a.stage == "b":
         cfg = stage_b_config(a.config)
         module = wj.WuerstchenDiffNeXt(cfg, **options)
-        empty_clip = jnp.zeros((1, TEXT_LEN, cfg.clip_embd), jnp.float32)  # the dropped-text states
-
-        def loss_fn(params, batch_stats, rng, batch):
-            args = (batch["latents"], batch["effnet"], batch["clip"], empty_clip)
-            return objectives.stage_b_loss(module, params, rng, *args), {}
+        text_width = cfg.clip_embd
     else:
         cfg = stage_c_config(a.config)
         module = wj.WuerstchenPrior(cfg, **options)
+        text_width = cfg.c_cond
+    # the fine-tune's loss: conditioning (Stage B) or text (Stage C) dropped to the empty prompt's states
+    empty_clip = jnp.zeros((1, TEXT_LEN, text_width), jnp.float32)
+    loss_fn = objectives.component_loss(a.stage, module, empty_clip, COND_DROPOUT)
 
-        def loss_fn(params, batch_stats, rng, batch):
-            return objectives.stage_c_loss(module, params, rng, batch["latents"], batch["clip"]), {}
-
-    tx = make_optimizer(LR, WARMUP_SCHEDULE)
-
-    def init_state(key):
+    def init_variables():
         inputs = [jnp.zeros(x.shape, x.dtype) for x in example_inputs(module)]
-        params = nn.meta.unbox(module.init(key, *inputs)["params"])
-        return create_state(params, tx, SEED)
+        return {"params": nn.meta.unbox(module.init(jax.random.key(SEED), *inputs)["params"])}
 
     devices = jax.devices()[: a.devices] if a.devices else jax.devices()
     h, f32 = latent_side(a.res), jnp.float32
@@ -134,18 +126,20 @@ def build(a) -> dict:
             "latents": jax.ShapeDtypeStruct((a.batch, h, h, cfg.c_in), f32),
             "clip": jax.ShapeDtypeStruct((a.batch, TEXT_LEN, cfg.c_cond), f32),
         }
-    abstract = jax.eval_shape(init_state, jax.random.key(SEED))
-    out = dict(cfg=cfg, module=module, tx=tx, init_state=init_state, devices=devices, abstract=abstract)
-    out.update(step=make_train_step(loss_fn, tx, EMA_DECAY), batch_shapes=batch_shapes, mesh=None)
-    out.update(state_sh=None, batch_sh=None, sharding=None)
+    mesh, batch_sh, sharding = None, None, None
     if len(devices) > 1:
         mesh = wj.make_mesh(data=-1, model=1, devices=devices)
         if a.batch % mesh.shape[DATA]:
             raise SystemExit(f"--batch {a.batch} does not divide over the {mesh.shape[DATA]}-way data axis")
-        boxed = abstract_variables(module, boxed=True)["params"]
-        state_sh = state_shardings(abstract, boxed, mesh, a.sharding)
         batch_sh = jax.tree_util.tree_map(batch_sharding(mesh), batch_shapes)
-        out.update(mesh=mesh, state_sh=state_sh, batch_sh=batch_sh, sharding=a.sharding)
+        sharding = a.sharding
+    setup = build_train_setup(
+        loss_fn, init_variables, RUN, module=module, mesh=mesh, mode=a.sharding, batch_shardings=batch_sh,
+        allocate=False,
+    )  # fmt: skip
+    out = dict(cfg=cfg, module=module, setup=setup, init_variables=init_variables, devices=devices)
+    out.update(abstract=setup.abstract, state_sh=setup.shardings, batch_shapes=batch_shapes, batch_sh=batch_sh)
+    out.update(mesh=mesh, sharding=sharding)
     return out
 
 
@@ -189,7 +183,7 @@ def model_flops(a, lowered) -> float | None:
     measured) when that is the plain model, else the plain step lowered for the count, never compiled."""
     if a.scan_blocks or a.remat:
         p = build(argparse.Namespace(**{**vars(a), "scan_blocks": False, "remat": False}))
-        lowered = jax.jit(p["step"]).lower(p["abstract"], p["batch_shapes"])
+        lowered = jax.jit(p["setup"].train_step).lower(p["abstract"], p["batch_shapes"])
     return xla_flops(lowered)
 
 
@@ -208,15 +202,16 @@ def make_batch(shapes: dict, shardings: dict | None, seed: int = 1) -> dict:
 
 
 def make_state(b: dict, init: str):
-    """The train state on the devices (sharded on a mesh), made where it lives.
+    """The train state on the devices (sharded on a mesh), made where it lives (`TrainSetup.make_state`).
     flax: `module.init` in one jit — its random draws expand into one RNG program per parameter (648 for v2).
     normal: every parameter N(0, 0.02²), drawn by one jitted function per distinct (shape, sharding) — 13 for
     v2 — then the Adam moments and the EMA from them; random weights all the same, far less to compile."""
-    out_sh = b["state_sh"] or jax.sharding.SingleDeviceSharding(b["devices"][0])
+    setup = b["setup"]
     if init == "flax":
-        return jax.jit(b["init_state"], out_shardings=out_sh)(jax.random.key(SEED))
+        return setup.make_state(b["init_variables"])
+    out_sh = setup.shardings or jax.sharding.SingleDeviceSharding(b["devices"][0])
     leaves, treedef = jax.tree_util.tree_flatten(b["abstract"].params)
-    shardings = treedef.flatten_up_to(out_sh.params) if b["state_sh"] else [out_sh] * len(leaves)
+    shardings = treedef.flatten_up_to(out_sh.params) if setup.shardings else [out_sh] * len(leaves)
     draws = {}
 
     def draw(x, sharding, key):
@@ -228,7 +223,7 @@ def make_state(b: dict, init: str):
 
     keys = jax.random.split(jax.random.key(SEED), len(leaves))
     params = treedef.unflatten([draw(x, sh, k) for x, sh, k in zip(leaves, shardings, keys, strict=True)])
-    return jax.jit(lambda p: create_state(p, b["tx"], SEED), out_shardings=out_sh, donate_argnums=0)(params)
+    return setup.make_state({"params": params}, donate=True)
 
 
 def progress(message: str) -> None:
@@ -248,9 +243,9 @@ def benchmark(a, state=None) -> tuple[dict, object]:
         init_s = time.perf_counter() - t0
         progress(f"state made on the device in {init_s:.1f} s ({a.init} init)")
     batch = b["batch_shapes"] if a.compile_only else make_batch(b["batch_shapes"], b["batch_sh"])
-    jitted = jit_train_step(b["step"], b["state_sh"], b["batch_sh"])
+    step = b["setup"].step
     t0 = time.perf_counter()
-    lowered = jitted.lower(b["abstract"] if a.compile_only else state, batch)
+    lowered = step.lower(b["abstract"] if a.compile_only else state, batch)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     progress(f"batch {a.batch}: train step compiled in {compile_s:.1f} s")
@@ -281,12 +276,12 @@ def benchmark(a, state=None) -> tuple[dict, object]:
     if a.compile_only:
         return rec, state
     for _ in range(a.warmup):
-        state, metrics = compiled(state, batch)
+        state, metrics = step.run(compiled, state, batch)
     jax.block_until_ready(state)
     progress(f"batch {a.batch}: {a.warmup} warm-up steps done")
     t0 = time.perf_counter()
     for _ in range(a.steps):
-        state, metrics = compiled(state, batch)
+        state, metrics = step.run(compiled, state, batch)
     jax.block_until_ready((state, metrics))
     seconds_per_step = (time.perf_counter() - t0) / a.steps
     rec.update(steps=a.steps, warmup=a.warmup, samples_per_s=a.batch / seconds_per_step)

@@ -169,7 +169,7 @@ def rng():
 
 def clip_tokenizer(folder):
     """The real CLIP BPE tokenizer (vocabulary from open_clip's wheel, built as open_clip does) saved to `folder`."""
-    from wurst_jax.train.clip_vocab import build_clip_tokenizer
+    from wurst_jax.tiny.clip_vocab import build_clip_tokenizer
 
     return build_clip_tokenizer(folder)
 

@@ -13,7 +13,7 @@ import pytest
 
 import wurst_jax as wj
 from wurst_jax.cli import main
-from wurst_jax.train.finetune import Shards, ShardSpec
+from wurst_jax.train.shards import Shards, ShardSpec
 
 CAPTIONS = ["a red circle", "a blue square", "two green triangles", "a white star", "a black moon"]
 

@@ -12,8 +12,9 @@ from test_finetune import config, metrics
 
 import wurst_jax as wj
 from wurst_jax.cli import main
-from wurst_jax.train.finetune import Shards, shard_spec
-from wurst_jax.train.prepare import effnet_size, load_image
+from wurst_jax.images import load_image
+from wurst_jax.train.prepare import effnet_size
+from wurst_jax.train.shards import Shards, shard_spec
 from wurst_jax.weights import read_config
 
 EFFNET = wj.EfficientNetConfig(c_latent=16, c_cond=48, effnet="tiny")  # 16 channels, as the prior's c_in

@@ -7,6 +7,16 @@ import numpy as np
 import pytest
 
 import wurst_jax as wj
+from wurst_jax.tiny.recipe import (
+    TinyConfig,
+    _Batches,
+    init_variables,
+    modules,
+    stage_loss,
+    tiny_config,
+    trainable,
+)
+from wurst_jax.train.config import RunConfig
 from wurst_jax.train.state import (
     Checkpoints,
     batch_sharding,
@@ -15,16 +25,6 @@ from wurst_jax.train.state import (
     make_optimizer,
     make_train_step,
     state_shardings,
-)
-from wurst_jax.train.tiny import (
-    RunConfig,
-    TinyConfig,
-    _Batches,
-    init_variables,
-    modules,
-    stage_loss,
-    tiny_config,
-    trainable,
 )
 
 TINY = TinyConfig(
@@ -135,8 +135,8 @@ def test_tiny_config_from_a_model_section():
 def test_prefetching_workers_make_the_same_batches():
     from transformers import AutoTokenizer
 
+    from wurst_jax.tiny.data import batches
     from wurst_jax.train.cli import ASSETS
-    from wurst_jax.train.data import batches
 
     tok = AutoTokenizer.from_pretrained(str(ASSETS / "tokenizer"))
     here, pool = _Batches(tok, 32, 4, seed=3), _Batches(tok, 32, 4, seed=3, workers=2)

@@ -1,4 +1,4 @@
-"""The procedural captioned dataset (wurst_jax.train.data) and the model-free checker (wurst_jax.train.checker)."""
+"""The procedural captioned dataset (wurst_jax.tiny.data) and the model-free checker (wurst_jax.tiny.checker)."""
 
 import dataclasses
 import itertools
@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from wurst_jax.train import checker, data
+from wurst_jax.tiny import checker, data
 
 REQUIRED_COLOURS = ("red", "green", "blue", "yellow", "white", "black")
 

@@ -104,6 +104,16 @@ def normalize(images: jax.Array) -> jax.Array:
     return (images - jnp.asarray(IMAGENET_MEAN, images.dtype)) / jnp.asarray(IMAGENET_STD, images.dtype)
 
 
+def encode(module: nn.Module, variables: Any, images: jax.Array, size: int | tuple[int, int]) -> jax.Array:
+    """RGB images [B, H, W, 3] (uint8, or float in [0, 1]) → semantic latents [B, h/32, w/32, C] float32: scaled to
+    [0, 1], resized (antialiased bilinear) to the encoder's input `size` (h, w; an int: square), normalised and
+    encoded by `module` (an `EfficientNetEncoder`) with `variables`. Pure: jit it, shard it as you like."""
+    h, w = (size, size) if isinstance(size, int) else size
+    x = images.astype(jnp.float32) / 255.0 if jnp.issubdtype(images.dtype, jnp.integer) else images.astype(jnp.float32)
+    x = jax.image.resize(x, (x.shape[0], h, w, x.shape[-1]), "linear", antialias=True)
+    return module.apply(variables, normalize(x)).astype(jnp.float32)
+
+
 def conv_norm(
     x: jax.Array,
     features: int,

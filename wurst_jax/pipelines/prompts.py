@@ -71,6 +71,14 @@ def tokenize(tokenizer, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return enc.input_ids.astype(np.int32), enc.attention_mask.astype(np.int32)
 
 
+def caption_tokens(tokenizer, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Training captions → (input_ids, attention_mask), int32 [N, 77]: `tokenize` without the truncation warning
+    (a long caption is cut as the pipeline cuts a prompt; a data set would repeat the warning every batch)."""
+    n = tokenizer.model_max_length  # 77 for CLIP
+    enc = tokenizer(list(captions), padding="max_length", max_length=n, truncation=True, return_tensors="np")
+    return enc.input_ids.astype(np.int32), enc.attention_mask.astype(np.int32)
+
+
 def tokenize_weighted(tokenizer, prompt: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One weighted prompt → (input_ids [77], attention_mask [77], per-token weights [77] float32)."""
     n = tokenizer.model_max_length

@@ -1,2 +1,4 @@
-"""Training: the Würstchen objectives, optax train state and sharded step, orbax resume, the procedural
-captioned dataset and its checker, and the tiny model trained from scratch."""
+"""Training: run configs checked once (`config`), the Würstchen objectives (`objectives`), the optax train state, its
+trainable mask, sharded step and orbax resume (`state`), one setup of all that for every trainer (`setup`), the
+fine-tune of a checkpoint on `.npz` shards (`finetune`, `shards`), `prepare-data` (`prepare`) and the `train`
+command (`cli`). The tiny model's recipe and data live in `wurst_jax.tiny`."""

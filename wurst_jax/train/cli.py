@@ -4,7 +4,7 @@ fine-tune a converted / diffusers-layout checkpoint on your own data.
 The config is a JSON file (see `wurst_jax/train/configs/tiny.json`): `out` (run folder), `size`, and per-stage
 run settings (`steps`, `batch_size`, `lr`, `warmup_steps`, `ema_decay`, `cond_dropout`, `seed`, `log_every`,
 `ckpt_every`, `data_workers`, `max_seconds`), either at top level or under "a" / "b" / "c", and optionally the
-architecture under "model" (`tiny.tiny_config`). After each stage the variables of all components
+architecture under "model" (`wurst_jax.tiny.recipe.tiny_config`). After each stage the variables of all components
 are saved with orbax in `out/variables`; the next stage starts from them, and an interrupted stage resumes from
 its own checkpoints (`out/ckpt_<stage>`).
 
@@ -15,13 +15,14 @@ and `data` — a folder of `.npz` shards (format in finetune.py) — plus option
 "fsdp" over all devices) and the run settings above (no `size`, `model` or `data_workers`). Any other key is an
 error. It trains the one stage's component, resumes from `out/ckpt_<stage>`, and leaves `out/` a pipeline folder
 diffusers loads.
+
+Either config is checked whole (`wurst_jax/train/config.py`: keys, types, ranges) before any model is built or any
+weights are read; a bad one is one error line naming the file and the key.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import shutil
 from pathlib import Path
 
@@ -54,41 +55,51 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def _run_config(raw: dict, stage: str):
-    from wurst_jax.train.tiny import RunConfig
-
-    fields = {f.name for f in dataclasses.fields(RunConfig)}
-    merged = {**{k: v for k, v in raw.items() if k in fields}, **raw.get(stage, {})}
-    unknown = set(raw.get(stage, {})) - fields
-    if unknown:
-        raise ValueError(f"config section {stage!r}: unknown keys {sorted(unknown)}; known: {sorted(fields)}")
-    return RunConfig(**merged)
-
-
 def run_train(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
+    """The config is read and checked whole before anything is built or read (`train/config.py`)."""
+    from wurst_jax.train.config import finetune_config, is_finetune, read_config, tiny_run_config
 
-    from wurst_jax.train.finetune import is_finetune
-    from wurst_jax.train.tiny import export, init_variables, modules, tiny_config, train_stage
-    from wurst_jax.weights.orbax_io import restore_variables, save_variables
+    raw = read_config(args.config)
+    if is_finetune(raw):
+        if args.export:
+            raise ValueError("--export is for the tiny model; a fine-tune writes its pipeline folder to 'out'")
+        cfg = finetune_config(raw, args.stage, args.config)
+        _compilation_cache(args)
+        from wurst_jax.train.finetune import finetune
 
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        finetune(cfg)
+        return 0
+    if not args.stage and not args.export:
+        raise ValueError("nothing to do: pass --stage and/or --export")
+    tiny = tiny_run_config(raw, args.stage, args.config)
+    from wurst_jax.tiny.recipe import tiny_config
+
+    cfg = tiny_config(tiny.model, tiny.size, args.config)  # the architecture, checked before anything is built
+    _compilation_cache(args)
+    return _run_tiny(args, tiny, cfg)
+
+
+def _compilation_cache(args: argparse.Namespace) -> None:
     if args.cache_dir:
         from wurst_jax.pipelines import enable_compilation_cache
 
         enable_compilation_cache(args.cache_dir)
-    raw = json.loads(Path(args.config).read_text())
-    if "out" not in raw:
-        raise ValueError(f"{args.config}: needs an 'out' folder")
-    if is_finetune(raw):
-        return _run_finetune(args, raw)
-    out = Path(raw["out"])
+
+
+def _run_tiny(args: argparse.Namespace, tiny, cfg) -> int:
+    from transformers import AutoTokenizer
+
+    from wurst_jax.tiny.recipe import export, init_variables, modules, train_stage
+    from wurst_jax.weights.orbax_io import restore_variables, save_variables
+
+    out = Path(tiny.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = tiny_config(raw.get("model"), raw.get("size", 64))
-    saved, init = out / "variables", lambda: init_variables(cfg, modules(cfg), raw.get("seed", 0))
+    saved, init = out / "variables", lambda: init_variables(cfg, modules(cfg), tiny.seed)
     variables = restore_variables(saved, jax.eval_shape(init)) if saved.exists() else init()  # shapes only to restore
     if args.stage:
         tokenizer = AutoTokenizer.from_pretrained(str(ASSETS / "tokenizer"))
-        run = _run_config(raw, args.stage)
+        run = tiny.run
         variables, reached = train_stage(args.stage, cfg, variables, tokenizer, run, out)
         tmp = out / "variables.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -100,19 +111,4 @@ def run_train(args: argparse.Namespace) -> int:
     if args.export:
         for d in export(cfg, variables, ASSETS / "tokenizer", args.export):
             print(d)
-    if not args.stage and not args.export:
-        raise ValueError("nothing to do: pass --stage and/or --export")
-    return 0
-
-
-def _run_finetune(args: argparse.Namespace, raw: dict) -> int:
-    from wurst_jax.train.finetune import finetune, finetune_config
-
-    if args.export:
-        raise ValueError("--export is for the tiny model; a fine-tune writes its pipeline folder to 'out'")
-    if not args.stage:
-        raise ValueError(f"{args.config}: a fine-tune (a config with 'init') needs --stage a, b or c")
-    cfg = finetune_config(raw, args.stage, args.config)
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    finetune(cfg)
     return 0

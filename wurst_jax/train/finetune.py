@@ -18,7 +18,7 @@ Shards: every `*.npz` file directly in `data` (sorted by name), each holding N s
 - `images`: uint8 [N, H, W, 3] RGB, stages b and a. Stage B's targets are the frozen VQGAN's `encode(images)`
   divided by its `scale_factor`; H and W must be multiples of the VQGAN's 4 (stage a) and of 4 × the decoder's
   `downscale` (stage b).
-Other keys are ignored, so one set of shards can serve all three stages. Every shard is checked before
+Other keys are ignored, so one set of shards can serve all three stages. Every shard is checked (`shards.py`) before
 training starts (keys, ndim, channels, N, dtype, finite values, one per-sample shape across all shards); a bad
 one raises a ValueError naming the file. Each epoch visits the shards in a shuffled order and the rows of each
 shard shuffled, both drawn from (seed, epoch), so batch k is a function of (seed, k) alone and a resumed run
@@ -32,12 +32,8 @@ moved in last, so a folder with a `model_index.json` is always complete.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import shutil
-import zipfile
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -45,218 +41,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wurst_jax.pipelines.prompts import caption_tokens
 from wurst_jax.train import objectives
-from wurst_jax.train.state import (
-    Checkpoints,
-    batch_sharding,
-    create_state,
-    jit_train_step,
-    make_optimizer,
-    make_train_step,
-    state_shardings,
-    train_loop,
-)
-from wurst_jax.train.tiny import RunConfig, caption_tokens
+from wurst_jax.train.config import FinetuneConfig
+from wurst_jax.train.setup import build_train_setup
+from wurst_jax.train.shards import Shards, shard_spec
+from wurst_jax.train.state import Checkpoints, batch_sharding, merge_params, train_loop
 
-STAGES = ("a", "b", "c")
 COMPONENT = {"c": "prior", "b": "decoder", "a": "vqgan"}  # the folder each stage trains
 PARTS = {  # what each stage loads from `init`
     "c": ("prior", "text_encoder", "tokenizer"),
     "b": ("decoder", "vqgan", "text_encoder", "tokenizer"),
     "a": ("vqgan",),
 }
-FINETUNE_KEYS = ("init", "data", "dtype", "save_dtype", "sharding", "scan_blocks", "remat")
-BLOCK_OPTIONS = ("scan_blocks", "remat")  # execution options of the prior and the decoder: stages c and b
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _RUN_ARTEFACTS = ("ckpt_", "metrics.jsonl", ".")  # never copied from `init` (it may be an earlier run's out/)
 _TMP = ".pipeline.tmp"
-
-
-@dataclasses.dataclass(frozen=True)
-class FinetuneConfig:
-    stage: str
-    init: str
-    data: str
-    out: str
-    run: RunConfig
-    dtype: str = "float32"  # compute dtype
-    save_dtype: str = "float32"  # dtype of the exported component
-    sharding: str | None = None  # "dp" or "fsdp" over all devices; None: one device
-    scan_blocks: bool = False  # stages c, b: repeated blocks as one lax.scan (one repeat compiled)
-    remat: bool = False  # stages c, b: recompute each repeat in the backward pass (less activation memory)
-
-
-def is_finetune(raw: dict) -> bool:
-    """A config with "init" (top level or in a stage section) fine-tunes; without, it trains the tiny model."""
-    if not isinstance(raw, dict):
-        return False
-    return "init" in raw or any(isinstance(v, dict) and "init" in v for v in raw.values())
-
-
-def finetune_config(raw: dict, stage: str, name: str = "config") -> FinetuneConfig:
-    """Check a fine-tune config (settings at top level, overridden by the stage's section) and build it."""
-    if stage not in STAGES:
-        raise ValueError(f"{name}: fine-tuning (a config with 'init') trains stage a, b or c, not {stage!r}")
-    run_keys = {f.name for f in dataclasses.fields(RunConfig)} - {"data_workers"}  # no rendering: shards are read
-    known = run_keys | set(FINETUNE_KEYS)
-    unknown = set(raw) - known - {"out", *STAGES}
-    if unknown:
-        raise ValueError(f"{name}: unknown keys {sorted(unknown)} for a fine-tune; known: {sorted(known | {'out'})}")
-    for s in STAGES:
-        section = raw.get(s, {})
-        if not isinstance(section, dict) or set(section) - known:
-            bad = sorted(set(section) - known) if isinstance(section, dict) else section
-            raise ValueError(f"{name}: section {s!r}: unknown keys {bad}; known: {sorted(known)}")
-    merged = {**{k: v for k, v in raw.items() if k in known}, **raw.get(stage, {})}
-    for key in ("init", "data"):
-        if key not in merged:
-            raise ValueError(f"{name}: fine-tuning stage {stage} needs {key!r}")
-    for key in ("dtype", "save_dtype"):
-        if merged.get(key, "float32") not in _DTYPES:
-            raise ValueError(f"{name}: {key!r} must be one of {sorted(_DTYPES)}, got {merged[key]!r}")
-    for key in BLOCK_OPTIONS:
-        if not isinstance(merged.get(key, False), bool):
-            raise ValueError(f"{name}: {key!r} must be true or false, got {merged[key]!r}")
-        if merged.get(key) and stage == "a":
-            raise ValueError(f"{name}: {key!r} is an option of the prior and the decoder (stages c, b), not stage a")
-    if merged.get("sharding") not in (None, "dp", "fsdp"):
-        raise ValueError(f"{name}: 'sharding' must be 'dp' or 'fsdp', got {merged['sharding']!r}")
-    if "out" not in raw:
-        raise ValueError(f"{name}: needs an 'out' folder")
-    out, init = Path(raw["out"]).resolve(), Path(merged["init"]).resolve()
-    if out == init or init in out.parents:
-        raise ValueError(f"{name}: 'out' ({raw['out']}) must be a folder outside 'init' ({merged['init']})")
-    run = RunConfig(**{k: v for k, v in merged.items() if k in run_keys})
-    extra = {k: merged[k] for k in FINETUNE_KEYS if k in merged and k not in ("init", "data")}
-    return FinetuneConfig(stage, str(merged["init"]), str(merged["data"]), str(raw["out"]), run, **extra)
-
-
-# ---------------------------------------------------------------- data
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardSpec:
-    """What a stage needs from a shard: key → (number of dims with N, last-dim size or None, kind)."""
-
-    arrays: dict[str, tuple[int, int | None, str]]
-    multiple: int = 1  # H and W of `images` must be multiples of this
-
-
-def shard_spec(stage: str, configs: dict[str, Any]) -> ShardSpec:
-    """From the component configs (`read_config` of the init folders), before any weights are read."""
-    if stage == "c":
-        return ShardSpec({"captions": (1, None, "U"), "image_embeddings": (4, configs["prior"].c_in, "f")})
-    vq = configs["vqgan"]
-    factor = vq.up_down_scale_factor * 2 ** (vq.levels - 1)
-    if stage == "a":
-        return ShardSpec({"images": (4, 3, "u1")}, factor)
-    dec = configs["decoder"]
-    arrays = {"captions": (1, None, "U"), "images": (4, 3, "u1"), "image_embeddings": (4, dec.effnet_embd, "f")}
-    return ShardSpec(arrays, factor * dec.downscale)
-
-
-def _read_shard(path: Path, keys: list[str]) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in keys if k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise ValueError(f"{path}: not a readable .npz shard without pickled objects ({e})") from None
-
-
-def check_shard(path: Path, arrays: dict[str, np.ndarray], spec: ShardSpec) -> int:
-    """Raise a ValueError naming `path` and what was expected; returns the shard's N."""
-    want = ", ".join(f"{k} [N{', …' * (d - 1)}{f', {c}' if c else ''}]" for k, (d, c, _) in spec.arrays.items())
-    missing = [k for k in spec.arrays if k not in arrays]
-    if missing:
-        raise ValueError(f"{path}: missing {missing}; a shard for this stage holds {want}")
-    sizes = {}
-    for key, (ndim, channels, kind) in spec.arrays.items():
-        x = arrays[key]
-        if x.ndim != ndim or (channels is not None and x.shape[-1] != channels):
-            raise ValueError(
-                f"{path}: {key} has shape {x.shape}, expected {ndim} dims"
-                + (f" ending in {channels} channels (NHWC)" if channels else "")
-            )
-        if kind == "U" and x.dtype.kind != "U":
-            raise ValueError(f"{path}: {key} has dtype {x.dtype}, expected strings (np.array(list_of_str))")
-        if kind == "u1" and x.dtype != np.uint8:
-            raise ValueError(f"{path}: {key} has dtype {x.dtype}, expected uint8 RGB in [0, 255]")
-        if kind == "f":
-            if x.dtype.kind != "f":
-                raise ValueError(f"{path}: {key} has dtype {x.dtype}, expected a float array")
-            if not np.all(np.isfinite(x)):
-                raise ValueError(f"{path}: {key} holds {int(np.sum(~np.isfinite(x)))} non-finite values (NaN / inf)")
-        if key == "images" and (x.shape[1] % spec.multiple or x.shape[2] % spec.multiple):
-            raise ValueError(
-                f"{path}: images are {x.shape[1]}×{x.shape[2]}; H and W must be multiples of {spec.multiple}"
-            )
-        sizes[key] = x.shape[0]
-    if len(set(sizes.values())) != 1 or 0 in sizes.values():
-        raise ValueError(f"{path}: every array needs the same N > 0 samples; got {sizes}")
-    return next(iter(sizes.values()))
-
-
-class Shards:
-    """The `.npz` shards of a folder, checked up front; `batch(k, ...)` is batch k of an endless shuffled stream."""
-
-    def __init__(self, folder: str | Path, spec: ShardSpec, cache: int = 2):
-        folder = Path(folder)
-        self.files = sorted(folder.glob("*.npz")) if folder.is_dir() else []
-        if not self.files:
-            raise ValueError(f"{folder}: no .npz shards (expected a folder of files holding {sorted(spec.arrays)})")
-        self.keys, self.sizes, shapes = list(spec.arrays), [], {}
-        for path in self.files:
-            arrays = _read_shard(path, self.keys)
-            self.sizes.append(check_shard(path, arrays, spec))
-            for key in self.keys:
-                first = shapes.setdefault(key, (path, arrays[key].shape[1:]))
-                if key != "captions" and arrays[key].shape[1:] != first[1]:
-                    raise ValueError(
-                        f"{path}: {key} is {arrays[key].shape[1:]} per sample but {first[0].name} has {first[1]}; "
-                        "all shards of a run share one resolution"
-                    )
-        self.total = sum(self.sizes)
-        self._cache: OrderedDict[int, dict] = OrderedDict()
-        self._cache_size = cache
-
-    @functools.lru_cache(maxsize=4)  # noqa: B019 (one Shards per run)
-    def _epoch(self, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(shard order, cumulative end offsets in that order) of one epoch."""
-        order = np.random.default_rng([seed, epoch]).permutation(len(self.files))
-        return order, np.cumsum([self.sizes[i] for i in order])
-
-    @functools.lru_cache(maxsize=8)  # noqa: B019
-    def _rows(self, seed: int, epoch: int, shard: int) -> np.ndarray:
-        return np.random.default_rng([seed, epoch, shard]).permutation(self.sizes[shard])
-
-    def rows(self, k: int, batch_size: int, seed: int) -> list[tuple[int, int]]:
-        """(shard, row) of each sample of batch k."""
-        out = []
-        for p in range(k * batch_size, (k + 1) * batch_size):
-            epoch, offset = divmod(p, self.total)
-            order, ends = self._epoch(seed, epoch)
-            j = int(np.searchsorted(ends, offset, side="right"))
-            shard = int(order[j])
-            out.append((shard, int(self._rows(seed, epoch, shard)[offset - (ends[j - 1] if j else 0)])))
-        return out
-
-    def _load(self, shard: int) -> dict:
-        if shard not in self._cache:
-            self._cache[shard] = _read_shard(self.files[shard], self.keys)
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        self._cache.move_to_end(shard)
-        return self._cache[shard]
-
-    def batch(self, k: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
-        """Batch k: {key: [batch_size, ...]}, images as float32 in [0, 1]."""
-        picked = [(self._load(s), r) for s, r in self.rows(k, batch_size, seed)]
-        out = {key: np.stack([a[key][r] for a, r in picked]) for key in self.keys}
-        if "images" in out:
-            out["images"] = out["images"].astype(np.float32) / 255.0
-        if "image_embeddings" in out:
-            out["image_embeddings"] = out["image_embeddings"].astype(np.float32)
-        return out
 
 
 # ---------------------------------------------------------------- models and losses
@@ -304,29 +104,6 @@ def prepare_fn(stage: str, parts: dict) -> Any:
         return {**out, "latents": latents, "effnet": raw["image_embeddings"]}
 
     return prepare
-
-
-def loss_fn(stage: str, module: Any, run: RunConfig, empty_clip: np.ndarray | None) -> Any:
-    """`loss(params, batch_stats, rng, batch) -> (loss, aux)` of the trained component."""
-    if stage == "a":
-        return lambda params, stats, rng, batch: objectives.stage_a_loss(
-            module, {"params": params, "batch_stats": stats}, batch["images"]
-        )
-    if stage == "b":
-
-        def loss(params, stats, rng, batch):
-            args = (batch["latents"], batch["effnet"], batch["clip"], empty_clip, run.cond_dropout)
-            return objectives.stage_b_loss(module, params, rng, *args), {}
-
-        return loss
-
-    def loss(params, stats, rng, batch):
-        r_drop, rng = jax.random.split(rng)
-        clip = objectives.drop_text(r_drop, batch["clip"], empty_clip, run.cond_dropout)
-        latents = batch["latents"]
-        return objectives.stage_c_loss(module, params, rng, latents, clip, weighting=run.loss_weighting), {}
-
-    return loss
 
 
 # ---------------------------------------------------------------- output
@@ -392,19 +169,10 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
         text, text_vars = parts["text_encoder"]
         empty_clip = np.asarray(jax.jit(text.apply)(text_vars, *caption_tokens(tokenizer, [""])), np.float32)
 
-    tx = make_optimizer(run.lr, run.warmup_steps)
-    params, stats = variables["params"], variables.get("batch_stats", {})
-    init = lambda p, s: create_state(p, tx, run.seed, s)  # noqa: E731
-    if mesh is None:
-        # committed to one device: a mix of committed and uncommitted leaves would compile the step twice
-        state, state_sh = jax.device_put(init(params, stats), jax.devices()[0]), None
-    else:
-        from wurst_jax.models import abstract_variables
-
-        boxed = abstract_variables(module, boxed=True)["params"]
-        state_sh = state_shardings(jax.eval_shape(init, params, stats), boxed, mesh, cfg.sharding)
-        state = jax.jit(init, out_shardings=state_sh)(params, stats)
-    del params, stats, variables
+    loss = objectives.component_loss(stage, module, empty_clip, run.cond_dropout, run.loss_weighting)
+    setup = build_train_setup(loss, variables, run, module=module, mesh=mesh, mode=cfg.sharding or "dp")
+    state = setup.state
+    del variables, parts[COMPONENT[stage]]  # the state holds the trained weights now
     ckpts = Checkpoints(out / f"ckpt_{stage}")
     if ckpts.latest() is not None:
         state = ckpts.restore(state)
@@ -419,18 +187,9 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
         host = host_batch(stage, data.batch(k, run.batch_size, run.seed), tokenizer, latent_mean, latent_std)
         return place(prepare(frozen, place(host)))
 
-    compiled = []  # the step is jitted at the first batch, whose shardings it takes
-
-    def step_fn(state, batch):
-        if not compiled:
-            batch_sh = None if mesh is None else jax.tree_util.tree_map(lambda x: x.sharding, batch)
-            step = make_train_step(loss_fn(stage, module, run, empty_clip), tx, run.ema_decay)
-            compiled.append(jit_train_step(step, state_sh, batch_sh))
-        return compiled[0](state, batch)
-
     state = train_loop(
         state,
-        step_fn,
+        setup.step,
         model_batch,
         run.steps,
         stage,
@@ -442,7 +201,8 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
         run.max_seconds,
     )
 
-    trained = {"params": state.ema, **({"batch_stats": state.batch_stats} if stage == "a" else {})}
+    trained = {"params": merge_params(state.ema, state.frozen)}  # the EMA of what trained, the rest as it was
+    trained.update({"batch_stats": state.batch_stats} if stage == "a" else {})
     write_pipeline(root, out, COMPONENT[stage], module, trained, _DTYPES[cfg.save_dtype])
     log(f"stage {stage}: wrote {out / COMPONENT[stage]} (EMA weights, {cfg.save_dtype}) and the pipeline in {out}")
     return out

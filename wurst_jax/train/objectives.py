@@ -96,3 +96,35 @@ def stage_a_loss(module, variables: Any, images: jax.Array, beta: float = 0.25) 
     codebook = jnp.mean(jnp.square(jax.lax.stop_gradient(z) - entries))
     commit = jnp.mean(jnp.square(z - jax.lax.stop_gradient(entries)))
     return rec + codebook + beta * commit, {"rec": rec, "codebook": codebook, "batch_stats": updates["batch_stats"]}
+
+
+def component_loss(stage: str, module, empty_clip=None, cond_dropout: float = 0.1, weighting: str = "p2"):
+    """The loss of one trained component as `loss(params, batch_stats, rng, batch) -> (loss, aux)` (the train
+    step's `loss_fn`), on batches the frozen encoders already made:
+    - "c" (the prior): {"latents" [B, h, w, 16], "clip" [B, T, D]}; each sample's text states become `empty_clip`
+      [1, T, D] (the empty prompt's) with probability `cond_dropout`; `weighting` as `stage_c_loss`.
+    - "b" (the decoder): {"latents" [B, H, W, 4], "effnet" [B, h, w, 16], "clip" [B, T, D]}; conditioning dropped
+      with probability `cond_dropout` (`stage_b_loss`).
+    - "a" (the VQGAN): {"images" [B, H, W, 3]}; aux carries the new `batch_stats`."""
+    if stage == "a":
+        return lambda params, stats, rng, batch: stage_a_loss(
+            module, {"params": params, "batch_stats": stats}, batch["images"]
+        )
+    if stage not in ("b", "c"):
+        raise ValueError(f"stage must be 'a', 'b' or 'c', got {stage!r}")
+    if empty_clip is None:
+        raise ValueError(f"the stage {stage} loss needs the empty prompt's text states (empty_clip)")
+    if stage == "b":
+
+        def loss(params, stats, rng, batch):
+            args = (batch["latents"], batch["effnet"], batch["clip"], empty_clip, cond_dropout)
+            return stage_b_loss(module, params, rng, *args), {}
+
+        return loss
+
+    def loss(params, stats, rng, batch):
+        r_drop, rng = jax.random.split(rng)
+        clip = drop_text(r_drop, batch["clip"], empty_clip, cond_dropout)
+        return stage_c_loss(module, params, rng, batch["latents"], clip, weighting=weighting), {}
+
+    return loss

@@ -38,10 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
-from PIL import Image, ImageOps, UnidentifiedImageError
 
+from wurst_jax.images import load_image
 from wurst_jax.models import EfficientNetEncoder
-from wurst_jax.models.effnet import DOWNSCALE, normalize
+from wurst_jax.models.effnet import DOWNSCALE, encode
 from wurst_jax.output_dir import check_destination, run_writer, staged_folder
 from wurst_jax.sharding import DATA, make_mesh
 from wurst_jax.weights import WeightsError, load_component, read_config
@@ -101,36 +101,19 @@ def _from_metadata(src: Path, column: str) -> list[tuple[Path, str]]:
     return samples
 
 
-def load_image(path: Path, resolution: int) -> np.ndarray:
-    """An image file → uint8 [resolution, resolution, 3]: upright, shorter side resized, centre-cropped."""
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
-            w, h = im.size
-            scale = resolution / min(w, h)
-            size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-            im = im.resize(size, Image.Resampling.BILINEAR)
-            left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-            return np.asarray(im.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from None
-
-
 def make_encoder(module: Any, variables: Any, resolution: int) -> Callable[[np.ndarray], np.ndarray]:
-    """uint8 crops [B, R, R, 3] → float32 semantic latents [B, g, g, C], one jitted function, data-parallel over
-    this process's devices (B must divide over them; the weights are replicated)."""
+    """uint8 crops [B, R, R, 3] → float32 semantic latents [B, g, g, C]: `effnet.encode` jitted once, data-parallel
+    over this process's devices (B must divide over them; the weights are replicated)."""
     side = effnet_size(resolution)
     mesh = make_mesh(data=-1, devices=jax.local_devices())
     batch, replicated = NamedSharding(mesh, PartitionSpec(DATA)), NamedSharding(mesh, PartitionSpec())
-
-    def encode(variables, images):
-        x = images.astype(jnp.float32) / 255.0
-        x = jax.image.resize(x, (x.shape[0], side, side, 3), "linear", antialias=True)
-        return module.apply(variables, normalize(x)).astype(jnp.float32)
-
-    encode = jax.jit(encode, in_shardings=(replicated, batch), out_shardings=batch)
+    run = jax.jit(
+        lambda variables, images: encode(module, variables, images, side),
+        in_shardings=(replicated, batch),
+        out_shardings=batch,
+    )
     variables = jax.device_put(variables, replicated)
-    return lambda images: np.asarray(encode(variables, images))
+    return lambda images: np.asarray(run(variables, images))
 
 
 def prepare_data(

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from wurst_jax.train.data import COLOURS, POSITIONS, SHAPES, Scene
+from wurst_jax.tiny.data import COLOURS, POSITIONS, SHAPES, Scene
 
 _NAMES = tuple(COLOURS)
 _PALETTE = np.array([COLOURS[k] for k in _NAMES], np.float32)  # [K, 3]

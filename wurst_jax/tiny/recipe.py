@@ -31,16 +31,12 @@ from wurst_jax.models import (
     WuerstchenDiffNeXt,
     WuerstchenPrior,
 )
+from wurst_jax.pipelines.prompts import caption_tokens
+from wurst_jax.tiny.semantic import SemanticEncoder
 from wurst_jax.train import objectives
-from wurst_jax.train.semantic import SemanticEncoder
-from wurst_jax.train.state import (
-    Checkpoints,
-    create_state,
-    jit_train_step,
-    make_optimizer,
-    make_train_step,
-    train_loop,
-)
+from wurst_jax.train.config import RunConfig, replace_checked
+from wurst_jax.train.setup import build_train_setup
+from wurst_jax.train.state import Checkpoints, train_loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,51 +74,44 @@ class TinyConfig:
         return self.resolution_multiple / 4
 
 
-def tiny_config(model: dict | None = None, size: int = 64) -> TinyConfig:
+def tiny_config(model: dict | None = None, size: int = 64, name: str = "config") -> TinyConfig:
     """A `TinyConfig` from a run config's "model" section: `semantic_widths`, `decoder_guidance`, and
     "stage_a" / "stage_b" / "stage_c" / "text" objects whose keys replace those of the default configs (the
-    config classes' field names)."""
-    model, base = dict(model or {}), TinyConfig()
+    config classes' field names). A wrong key, type or size raises one ValueError naming the file `name`."""
+    model, base = {} if model is None else model, TinyConfig()
+    if not isinstance(model, dict):
+        raise ValueError(f"{name}: key 'model' must be an object (the architecture), got {model!r}")
     subs = {"stage_a": base.stage_a, "stage_b": base.stage_b, "stage_c": base.stage_c, "text": base.text}
     known = {"semantic_widths", "decoder_guidance", *subs}
     if set(model) - known:
-        raise ValueError(f"config section 'model': unknown keys {sorted(set(model) - known)}; known: {sorted(known)}")
+        unknown = sorted(set(model) - known)
+        raise ValueError(f"{name}: config section 'model': unknown keys {unknown}; known: {sorted(known)}")
     kw: dict[str, Any] = {"size": size}
-    for name, default in subs.items():
-        if name in model:
-            fields = {f.name for f in dataclasses.fields(default)}
-            extra = set(model[name]) - fields
-            if extra:
-                raise ValueError(f"config section 'model.{name}': unknown keys {sorted(extra)}; known {sorted(fields)}")
-            kw[name] = dataclasses.replace(
-                default, **{k: tuple(v) if isinstance(v, list) else v for k, v in model[name].items()}
-            )
-    if "semantic_widths" in model:
-        kw["semantic_widths"] = tuple(int(w) for w in model["semantic_widths"])
-    if "decoder_guidance" in model:
-        kw["decoder_guidance"] = float(model["decoder_guidance"])
-    return TinyConfig(**kw)
+    for sub, default in subs.items():
+        if sub in model:
+            kw[sub] = replace_checked(default, model[sub], name, f"model.{sub}")
+    widths = model.get("semantic_widths", base.semantic_widths)
+    if not isinstance(widths, (list, tuple)) or not widths or not all(_positive_int(w) for w in widths):
+        raise ValueError(f"{name}: key 'model.semantic_widths' must be a list of integers >= 1, got {widths!r}")
+    kw["semantic_widths"] = tuple(widths)
+    guidance = model.get("decoder_guidance", base.decoder_guidance)
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not guidance >= 0:
+        raise ValueError(f"{name}: key 'model.decoder_guidance' must be a number >= 0, got {guidance!r}")
+    kw["decoder_guidance"] = float(guidance)
+    cfg = TinyConfig(**kw)
+    if size % cfg.resolution_multiple:
+        raise ValueError(
+            f"{name}: key 'size' must be a multiple of {int(cfg.resolution_multiple)} (2 ** len(semantic_widths)), "
+            f"got {size!r}"
+        )
+    return cfg
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
 _DECODER = ("up_blocks", "out_block")  # Stage A's decoder half; "a-decoder" refines it on frozen encoder latents
-
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-    """One stage's training run."""
-
-    steps: int = 2000
-    batch_size: int = 32
-    lr: float = 3e-4
-    warmup_steps: int = 100
-    ema_decay: float = 0.999
-    cond_dropout: float = 0.1
-    loss_weighting: str = "p2"  # Stage C: "p2" (the original's) or "v" (see objectives.v_weight)
-    seed: int = 0
-    log_every: int = 50
-    ckpt_every: int = 500
-    data_workers: int = 0  # processes rendering batches ahead (use several on a GPU; 0: render in-process)
-    max_seconds: float | None = None  # stop (and save) after this long; running again continues
 
 
 def modules(cfg: TinyConfig, dtype: Any = jnp.float32) -> dict[str, nn.Module]:
@@ -154,12 +143,6 @@ def init_variables(cfg: TinyConfig, mods: dict[str, nn.Module], seed: int = 0) -
     }
 
 
-def caption_tokens(tokenizer, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    n = tokenizer.model_max_length  # 77 for CLIP
-    enc = tokenizer(list(captions), padding="max_length", max_length=n, truncation=True, return_tensors="np")
-    return enc.input_ids.astype(np.int32), enc.attention_mask.astype(np.int32)
-
-
 _TOKENIZER = None  # a data worker's copy (see `_set_tokenizer`)
 
 
@@ -171,7 +154,7 @@ def _set_tokenizer(tokenizer) -> None:
 def _tiny_batch(size: int, batch_size: int, seed: int, step: int, tokenizer=None) -> dict:
     """Batch `step` of a run: a function of (seed, step) alone, so a resumed run sees exactly the batches it
     would have seen, whichever process makes it. Images travel as uint8 (made float32 by `_as_float`)."""
-    from wurst_jax.train.data import batches
+    from wurst_jax.tiny.data import batches
 
     b = next(batches(seed * 1_000_003 + step, batch_size, size=size, split="train"))
     ids, mask = caption_tokens(tokenizer or _TOKENIZER, b["captions"])
@@ -313,21 +296,19 @@ def train_stage(
     the stage's EMA weights put in, and the step reached (`run.steps`, or fewer when `run.max_seconds` ran out)."""
     mods = modules(cfg)
     params, stats = trainable(stage, variables)
-    tx = make_optimizer(run.lr, run.warmup_steps)
-    # committed to one device: a mix of committed and uncommitted leaves would compile the step twice
-    state = jax.device_put(create_state(params, tx, run.seed, stats), jax.devices()[0])
+    frozen = {"vqgan": variables["vqgan"], "semantic": variables["semantic"]}
+    loss = stage_loss(stage, cfg, mods, frozen, run, caption_tokens(tokenizer, [""]))
+    setup = build_train_setup(loss, {"params": params, "batch_stats": stats}, run)
+    state = setup.state
     ckpts = Checkpoints(Path(out_dir) / f"ckpt_{stage}")
     if ckpts.latest() is not None:
         state = ckpts.restore(state)
         log(f"stage {stage}: resumed at step {int(state.step)}")
-    frozen = {"vqgan": variables["vqgan"], "semantic": variables["semantic"]}
-    empty = caption_tokens(tokenizer, [""])
-    step_fn = jit_train_step(make_train_step(stage_loss(stage, cfg, mods, frozen, run, empty), tx, run.ema_decay))
     data = _Batches(tokenizer, cfg.size, run.batch_size, run.seed, run.data_workers)
     try:
         state = train_loop(
             state,
-            step_fn,
+            setup.step,
             data,
             run.steps,
             stage,
