@@ -19,6 +19,7 @@ import pytest
 import safetensors.numpy
 import torch
 from conftest import nchw, nhwc, randomize, rel_err
+from jax.sharding import PartitionSpec
 
 from wurst_jax.models.cascade import (
     StableCascadeUNet,
@@ -28,6 +29,7 @@ from wurst_jax.models.cascade import (
     param_count,
 )
 from wurst_jax.models.cascade.blocks import resize_bilinear
+from wurst_jax.sharding import make_mesh, param_specs
 from wurst_jax.weights.convert import convert, state_dict_source
 
 R, T, A = "SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"
@@ -248,6 +250,9 @@ def test_params_are_stored_in_param_dtype_with_logical_axes(preset):
     boxed = jax.eval_shape(lambda *a: module.init(jax.random.key(0), *a), *example_inputs(cfg))["params"]
     leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     assert all(isinstance(leaf, nn.LogicallyPartitioned) for leaf in leaves)  # so dp / fsdp / tp can place them
+    tp = param_specs({"params": boxed}, make_mesh(data=4, model=2), "tp")["params"]
+    assert tp["down_blocks_1_2"]["attention"]["to_q"]["kernel"] == PartitionSpec(None, "model")  # heads split
+    assert tp["down_blocks_1_0"]["channelwise_4"]["kernel"] == PartitionSpec("model", None)  # MLP rows split
     params = nn.meta.unbox(boxed)
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.bfloat16)}
     out = jax.eval_shape(module.apply, {"params": params}, *example_inputs(cfg))
