@@ -178,16 +178,25 @@ class GlobalResponseNorm(nn.Module):
 
 
 class TimestepBlock(nn.Module):
-    """x · (1 + a) + b with (a, b) = Linear(r_embed): FiLM conditioning on the timestep."""
+    """x · (1 + a) + b with (a, b) = Linear(r_embed): FiLM conditioning on the timestep.
+
+    With `conds` (Stable Cascade: ("sca", "crp")) `t` is [embed(r), embed(cond_1), ...] in equal chunks and each
+    extra chunk adds its own `mapper_{cond}` Linear to (a, b).
+    """
 
     c: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conds: tuple[str, ...] = ()
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array) -> jax.Array:
-        mapper = dense(self.c * 2, "mapper", self.dtype, self.param_dtype, axes=(None, MLP), zero_init=True)
-        ab = mapper(t.astype(self.dtype))
+        chunks = jnp.split(t.astype(self.dtype), len(self.conds) + 1, axis=-1)
+        names = ("mapper", *(f"mapper_{c}" for c in self.conds))
+        ab = None
+        for name, chunk in zip(names, chunks, strict=True):
+            mapper = dense(self.c * 2, name, self.dtype, self.param_dtype, axes=(None, MLP), zero_init=True)
+            ab = mapper(chunk) if ab is None else ab + mapper(chunk)
         a, b = jnp.split(ab[:, None, None, :], 2, axis=-1)
         return x * (1 + a) + b
 
