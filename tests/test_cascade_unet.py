@@ -30,7 +30,7 @@ from wurst_jax.models.cascade import (
 )
 from wurst_jax.models.cascade.blocks import resize_bilinear
 from wurst_jax.sharding import make_mesh, param_specs
-from wurst_jax.weights.convert import convert, state_dict_source
+from wurst_jax.weights.mapping import state_dict_source, to_variables
 
 R, T, A = "SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"
 TOL = 1e-4
@@ -105,7 +105,7 @@ def reference(role: str, tmp_root: str):
     loaded = StableCascadeUNetConfig(**{k.name: raw[k.name] for k in dataclasses.fields(StableCascadeUNetConfig)})
     assert loaded == cfg and hash(loaded) == hash(cfg)  # nested lists normalised to tuples
     sd = safetensors.numpy.load_file(f"{folder}/diffusion_pytorch_model.safetensors")
-    variables = convert(state_dict_source(sd), {"params": abstract_params(cfg)}, folder)
+    variables = to_variables(state_dict_source(sd), {"params": abstract_params(cfg)}, folder)
     return ref, StableCascadeUNet(loaded), variables
 
 

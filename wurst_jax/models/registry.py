@@ -20,7 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from wurst_jax.models import clip_text, clip_vision
+from wurst_jax.models import cascade, clip_text, clip_vision
+from wurst_jax.models.cascade.config import ATTN
 from wurst_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from wurst_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
 from wurst_jax.models.effnet import EfficientNetConfig, EfficientNetEncoder
@@ -150,6 +151,11 @@ def _effnet_config(shapes: Shapes) -> EfficientNetConfig:
     )
 
 
+def _cascade_heads(c: cascade.StableCascadeUNetConfig) -> tuple[int, ...]:
+    """Only the levels with attention blocks split heads (stage B's first levels have none and list 0)."""
+    return tuple(h for h, t in zip(c.num_attention_heads, c.block_types_per_layer, strict=True) if ATTN in t and h > 0)
+
+
 def _heads(*counts: Any) -> tuple[int, ...]:
     flat = [c for x in counts for c in (x if isinstance(x, tuple) else (x,))]
     return tuple(c for c in flat if c and c > 0)
@@ -255,5 +261,17 @@ register(
         ignore=(r"position_ids$",),
         heads=lambda c: _heads(c.num_attention_heads),
         markers=(r"(^|\.)patch_embedding\.",),
+    )
+)
+register(
+    ComponentSpec(
+        kind="cascade_unet",  # Stable Cascade's stage C (prior) and stage B (decoder): one class, two configs
+        module=cascade.StableCascadeUNet,
+        config=cascade.StableCascadeUNetConfig,
+        class_names=("StableCascadeUNet",),
+        example_inputs=cascade.example_inputs,
+        folder="prior",
+        heads=_cascade_heads,
+        markers=(r"^clip_txt_pooled_mapper\.",),
     )
 )

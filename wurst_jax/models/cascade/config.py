@@ -224,6 +224,12 @@ class StableCascadeUNetConfig:
         )
 
     @classmethod
+    def tiny(cls) -> StableCascadeUNetConfig:
+        """The registry's smallest example (every component kind has one): `tiny_decoder`, which has every mapper
+        but the image one."""
+        return cls.tiny_decoder()
+
+    @classmethod
     def tiny_decoder(cls) -> StableCascadeUNetConfig:
         """A stage-B-shaped decoder for tests: three levels, attention at the deepest two, up repeat mappers."""
         return cls(
