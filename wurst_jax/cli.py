@@ -9,6 +9,8 @@ from pathlib import Path
 
 from wurst_jax.conversion import add_convert_parser, run_convert
 from wurst_jax.scheduler import DEFAULT_STAGE_C_TIMESTEPS
+from wurst_jax.serving.batch import add_batch_arguments, run_batch
+from wurst_jax.serving.server import add_serve_parser, run_serve
 from wurst_jax.train.cli import add_train_parser, run_train
 from wurst_jax.train.prepare import add_prepare_parser, run_prepare
 
@@ -17,7 +19,9 @@ _DTYPES = ("float32", "bfloat16")
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate images from a text prompt", description=__doc__)
-    p.add_argument("prompt", help="what to draw; Compel weighting such as '(red)1.3' or 'circle++' is understood")
+    p.add_argument(
+        "prompt", nargs="?", help="what to draw; Compel weighting such as '(red)1.3' or 'circle++' is understood"
+    )
     p.add_argument(
         "--model",
         help="decoder folder (warp-ai/wuerstchen layout) or a combined folder; default: the tiny model shipped "
@@ -60,6 +64,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--num-processes", type=int, help="multi-host: number of processes (with --coordinator)")
     p.add_argument("--process-id", type=int, help="multi-host: this process's index (with --coordinator)")
+    add_batch_arguments(p)
 
 
 TINY_MODEL = Path(__file__).resolve().parent / "assets" / "tiny"
@@ -81,6 +86,10 @@ def generate(args: argparse.Namespace) -> int:
 
     import wurst_jax as wj
 
+    if args.prompts or args.out_dir:  # many prompts from a file: wurst_jax/serving/batch.py
+        return run_batch(args)
+    if args.prompt is None:
+        raise ValueError("give a PROMPT, or --prompts FILE --out-dir DIR")
     if args.distributed or args.coordinator:
         wj.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     if args.cache_dir:
@@ -133,11 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     add_convert_parser(sub)
     add_train_parser(sub)
     add_prepare_parser(sub)
+    add_serve_parser(sub)
     args = parser.parse_args(argv)
     if args.command in ("convert", "prepare-data"):  # report their own errors (exit 2) and interruptions (130)
         return {"convert": run_convert, "prepare-data": run_prepare}[args.command](args)
     try:
-        return {"generate": generate, "train": run_train}[args.command](args)
+        return {"generate": generate, "train": run_train, "serve": run_serve}[args.command](args)
     except (ValueError, OSError) as e:  # bad input: one clear line, no traceback
         print(f"wurst-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
