@@ -22,12 +22,13 @@ from wurst_jax.serving import ModelSpec, batch, jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = {"prior_steps": 3, "steps": 2}  # few steps: compile time is the same, run time small
-# group A: 64×64 with the tiny model's guidance (5 images: the last batch of 2 is padded)
+# Two images per line, so that one pipeline call per prompt has the batch shape of the batched run (batches of
+# 2) and no other shape compiles; padding is exercised on 8 devices and on 2 processes (6 images in batches of 8
+# and 4). Group A: 64×64 with the tiny model's guidance.
 LINES_A = [
-    {"prompt": "a red circle on a blue background"},
+    {"prompt": "a red circle on a blue background", "num_images": 2},
     {"prompt": "a green square", "num_images": 2, "seed": 7, "id": "sq"},
-    {"prompt": "a yellow triangle", "negative_prompt": "blue"},
-    {"prompt": "a (white)1.3 circle on a black background"},
+    {"prompt": "a (yellow)1.3 triangle", "negative_prompt": "blue", "num_images": 2},
 ]
 # group B: 64×128, other guidance (2 images: one batch)
 LINES_B = [{"prompt": "a blue circle", "num_images": 2, "seed": 3, "width": 128, "prior_guidance": 2.0}]
@@ -66,7 +67,7 @@ def single(spec, pipe, tmp_path_factory):
     todo = jobs.parse_prompt_file(file, defaults(spec, seed=100), spec)
     made_with = {"model": spec.provenance(), "dtype": "float32"}
     summary = batch.run_plan(spec.generator(pipe), todo, root / "out", 2, made_with, show=False)
-    assert summary.images == 7 and not summary.stopped
+    assert summary.images == 8 and not summary.stopped
     return todo, root / "out"
 
 
@@ -80,8 +81,8 @@ def test_prompt_file_equals_one_pipeline_call_per_prompt(single, pipe):
     todo, out = single
     recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert [r["file"] for r in recs] == [j.file for j in todo]  # each image listed once, in plan order
-    assert [r["file"] for r in recs[:5]] == ["00001_0.png", "sq_0.png", "sq_1.png", "00003_0.png", "00004_0.png"]
-    assert [r["seed"] for r in recs] == [100, 7, 8, 103, 104, 3, 4]  # --seed + images before; seed + k
+    assert [r["file"] for r in recs[:4]] == ["00001_0.png", "00001_1.png", "sq_0.png", "sq_1.png"]
+    assert [r["seed"] for r in recs] == [100, 101, 7, 8, 104, 105, 3, 4]  # --seed + images before; seed + k
     assert {r["batch_size"] for r in recs} == {2} and recs[0]["model"]["decoder_digest"]
     diffs = {}
     for line in LINES_A + LINES_B:
@@ -105,7 +106,10 @@ def test_prompt_file_equals_one_pipeline_call_per_prompt(single, pipe):
             diffs[r["file"]] = np.abs(got - np.asarray(image, np.int16))
     print("batched vs one call per prompt, uint8 values that differ (max |Δ|):")
     print(", ".join(f"{f}: {int((d > 0).sum())} ({d.max()})" for f, d in diffs.items()))
-    assert max(d.max() for d in diffs.values()) <= 1  # float rounding where the batch shapes differ
+    # Not bit-equal: a call per prompt encodes its text once and repeats it, the batch encodes every row (another
+    # batch size for the text encoder), which moves a few uint8 values of some images by 1 (measured: 0–3 of 12288).
+    assert max(d.max() for d in diffs.values()) <= 1
+    assert sum(int((d > 0).sum()) for d in diffs.values()) < 64
 
 
 def test_eight_devices_equal_one(single, spec):
@@ -116,7 +120,7 @@ def test_eight_devices_equal_one(single, spec):
     out8 = out.parent / "out8"
     batch.run_plan(spec.generator(pipe8), group_a, out8, 8, {"model": {}, "dtype": "float32"}, show=False)
     ref, got = by_key(out), by_key(out8)
-    assert len(got) == 5
+    assert len(got) == 6
     assert max(int(np.abs(got[k] - ref[k]).max()) for k in got) <= 1
 
 
@@ -140,11 +144,11 @@ def test_two_processes_equal_one_device(single, tmp_path):
     file = write_jsonl(tmp_path / "a.jsonl", [{**x, **FAST} for x in LINES_A])
     port = _free_port()
     args = ["generate", "--prompts", str(file), "--out-dir", str(tmp_path / "out"), "--dtype", "float32"]
-    args += ["--seed", "100", "--quiet", "--coordinator", f"localhost:{port}", "--num-processes", "2"]
+    args += ["--seed", "100", "--quiet", "--coordinator", f"localhost:{port}", "--num-processes", "2"]  # 2 × 2 devices
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "wurst_jax.cli", *args, "--process-id", str(pid)],
-            env=cli_env(4),
+            env=cli_env(2),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -155,7 +159,7 @@ def test_two_processes_equal_one_device(single, tmp_path):
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
     got, ref = by_key(tmp_path / "out"), by_key(out)
     recs = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
-    assert len(recs) == len(got) == 5 and {r["batch_size"] for r in recs} == {8}  # one batch over both hosts
+    assert len(recs) == len(got) == 6 and {r["batch_size"] for r in recs} == {4}  # batches over both hosts
     assert max(int(np.abs(got[k] - ref[k]).max()) for k in got) <= 1
 
 
@@ -163,7 +167,7 @@ SLOW = """import sys, time
 import wurst_jax.serving.backend as b
 make = b.generate_images
 def slow(*a, **k):
-    time.sleep(1.0)
+    time.sleep(0.5)
     return make(*a, **k)
 b.generate_images = slow
 from wurst_jax.cli import main
@@ -176,20 +180,20 @@ def _lines(path: Path) -> list[str]:
 
 
 def _run_until(cmd: list, results: Path, lines: int, sig: int) -> subprocess.CompletedProcess:
-    """Start the command; 0.3 s after results.jsonl has `lines` lines (inside the next batch, which is held 1 s),
+    """Start the command; 0.2 s after results.jsonl has `lines` lines (inside the next batch, which is held 0.5 s),
     send `sig`; return what it did."""
     p = subprocess.Popen(cmd, env=cli_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while len(_lines(results)) < lines and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(0.3)
+    time.sleep(0.2)
     p.send_signal(sig)
     out, err = p.communicate(timeout=300)
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def test_sigterm_then_sigkill_then_rerun(single, tmp_path):
-    """Batches of 1 (5 of them, each held 1 s): SIGTERM after the first is listed finishes the second and exits
+    """Batches of 1 (6 of them, each held 0.5 s): SIGTERM after the first is listed finishes the second and exits
     143; a SIGKILL after the third is listed loses at most the one in flight; the rerun completes the rest."""
     _, out = single
     file = write_jsonl(tmp_path / "a.jsonl", [{**x, **FAST} for x in LINES_A])
@@ -200,7 +204,7 @@ def test_sigterm_then_sigkill_then_rerun(single, tmp_path):
 
     p = _run_until(cmd, res, 1, signal.SIGTERM)
     assert p.returncode == 143, p.stderr[-3000:]
-    assert "rerun the same command" in p.stderr and "2 of 5 images" in p.stderr
+    assert "rerun the same command" in p.stderr and "2 of 6 images" in p.stderr
     assert len(_lines(res)) == 2  # the batch in flight was finished and written
 
     p = _run_until(cmd, res, 3, signal.SIGKILL)
@@ -210,10 +214,10 @@ def test_sigterm_then_sigkill_then_rerun(single, tmp_path):
 
     p = subprocess.run([sys.executable, "-m", "wurst_jax.cli", *args], env=cli_env(1), capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert f"{5 - killed} images in" in p.stderr and f"{killed} already there" in p.stderr
+    assert f"{6 - killed} images in" in p.stderr and f"{killed} already there" in p.stderr
     recs = [json.loads(x) for x in _lines(res)]
     files = [r["file"] for r in recs]
-    assert sorted(files) == sorted(["00001_0.png", "sq_0.png", "sq_1.png", "00003_0.png", "00004_0.png"])
+    assert sorted(files) == sorted(f"{s}_{k}.png" for s in ("00001", "sq", "00003") for k in (0, 1))
     assert sorted(os.listdir(tmp_path / "out")) == sorted([*files, ".lock", "results.jsonl"])  # no temporaries
     got, ref = by_key(tmp_path / "out"), by_key(out)
     assert max(int(np.abs(got[k] - ref[k]).max()) for k in got) <= 1
@@ -297,3 +301,17 @@ def test_sizes_the_spec_accepts_are_those_the_pipeline_accepts(spec, pipe):
         with pytest.raises(ValueError) as e:  # a bad seed is checked right after the size: nothing runs
             pipe("x", height=size, width=64, seed="not a seed")
         assert ("seed" in str(e.value)) == ok, (size, str(e.value))
+
+
+def test_txt_prompts_take_the_command_defaults(spec, tmp_path):
+    file = tmp_path / "p.txt"
+    file.write_text("a red circle\n\n  a blue square  \n")
+    todo = jobs.parse_prompt_file(file, defaults(spec, seed=5, num_images=2, steps=3), spec)
+    assert [(j.file, j.row.prompt, j.row.seed, j.settings.steps) for j in todo] == [
+        ("00001_0.png", "a red circle", 5, 3),
+        ("00001_1.png", "a red circle", 6, 3),
+        ("00003_0.png", "a blue square", 7, 3),
+        ("00003_1.png", "a blue square", 8, 3),
+    ]
+    assert [len(b) for _, b in jobs.plan_batches(todo, 3)] == [3, 1]
+    assert jobs.padded_rows(jobs.plan_batches(todo, 3)[1][1], 3) == [todo[3].row] * 3
