@@ -112,7 +112,8 @@ class Engine:
     def start(self, warmup: list[Settings] = ()) -> None:
         """Start the worker; it first runs one batch of each `warmup` settings (compiling them), then sets
         `ready` (or `error`, if a warm-up batch failed)."""
-        self._thread = threading.Thread(target=self._loop, args=(list(warmup),), name="wurst-jax-model")
+        # a daemon, so that a caller that forgets `stop` cannot keep the process alive; `stop` drains the queue
+        self._thread = threading.Thread(target=self._loop, args=(list(warmup),), name="wurst-jax-model", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:

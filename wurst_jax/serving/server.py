@@ -23,6 +23,7 @@ import secrets
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -120,7 +121,11 @@ def create_app(engine: Engine, parse: Callable[[Any], tuple[Settings, list[Row]]
     @contextlib.asynccontextmanager
     async def lifespan(app: Any):
         yield
-        await asyncio.to_thread(engine.stop)
+        # A thread of its own: the default executor may already be shut down when the process is exiting.
+        stopper = threading.Thread(target=engine.stop, name="wurst-jax-stop")
+        stopper.start()
+        while stopper.is_alive():
+            await asyncio.sleep(0.05)
 
     routes = [
         Route("/v1/images/generations", generations, methods=["POST"]),
