@@ -231,6 +231,7 @@ def main() -> None:
     ap.add_argument("--max-wait-ms", type=float, default=50.0)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--skip-per-prompt", action="store_true", help="leave out the one-call-per-prompt loop")
+    ap.add_argument("--skip-batch", action="store_true", help="leave out generate --prompts")
     ap.add_argument("--label", default="", help="a note for the RESULTS.md heading")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
     a = ap.parse_args()
@@ -243,7 +244,7 @@ def main() -> None:
         print("one pipe call per prompt …", file=sys.stderr)
         rows.append(per_prompt(a, texts))
     with tempfile.TemporaryDirectory() as tmp:
-        for b in a.batch_size:
+        for b in [] if a.skip_batch else a.batch_size:
             print(f"generate --prompts, batch {b} …", file=sys.stderr)
             rows.append(batch_command(a, texts, Path(tmp), b))
     print("serve …", file=sys.stderr)

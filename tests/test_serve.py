@@ -198,8 +198,9 @@ def test_shutdown_finishes_what_is_queued(spec):
     with ThreadPoolExecutor(3) as pool:
         with running(create_app(engine, parser(spec))) as (url, server):
             post = lambda: httpx.post(url + "/v1/images/generations", json={"prompt": "x"}, timeout=60)
-            futures = [pool.submit(post) for _ in range(3)]
-            assert held.started.wait(30)
+            futures = [pool.submit(post)]
+            assert held.started.wait(30)  # the first is running; two more wait
+            futures += [pool.submit(post) for _ in range(2)]
             _wait(url, "rows_waiting", 2)
             server.should_exit = True  # what SIGTERM / SIGINT do
             time.sleep(0.3)
@@ -238,3 +239,19 @@ def test_serve_refuses_bad_options_before_loading(monkeypatch, capsys):
     monkeypatch.setattr(ModelSpec, "load", lambda *a, **k: pytest.fail("weights were loaded"))
     assert cli.main(["serve", "--warmup", "64x64,64x40"]) == 2
     assert "--warmup 64x40: height 40 is not a size" in capsys.readouterr().err
+
+
+def test_a_failed_batch_gets_500_and_the_server_goes_on(spec):
+    def flaky(settings, rows):
+        if rows[0].prompt == "boom":
+            raise RuntimeError("out of memory")
+        return [Image.new("RGB", (settings.width, settings.height)) for _ in rows]
+
+    engine = Engine(flaky, max_batch=1, max_wait_s=0.0)
+    engine.start()
+    with running(create_app(engine, parser(spec))) as (url, _):
+        res = httpx.post(url + "/v1/images/generations", json={"prompt": "boom"}, timeout=30)
+        assert res.status_code == 500 and "out of memory" in res.json()["error"]["message"]
+        res = httpx.post(url + "/v1/images/generations", json={"prompt": "fine", "n": 2}, timeout=30)
+        assert res.status_code == 200 and len(res.json()["data"]) == 2
+        assert httpx.get(url + "/metrics").json()["failed_batches"] == 1

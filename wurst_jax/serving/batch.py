@@ -308,7 +308,7 @@ def _run(args: argparse.Namespace, flag: StopFlag) -> int:
     show = not args.quiet and writer
     summary = Summary(0, len(jobs) - len(todo), 0.0, 0.0)
     try:
-        if todo and flag.signum is None:
+        if todo and (flag.signum is None or jax.process_count() > 1):  # several: they stop together, in run_plan
             pipe = spec.load(
                 dtype=getattr(jnp, args.dtype),
                 mesh=mesh,

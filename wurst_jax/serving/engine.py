@@ -134,7 +134,12 @@ class Engine:
             return
         self.ready.set()
         while (taken := self._take()) is not None:
-            self._run(*taken)
+            try:
+                self._run(*taken)
+            except BaseException as e:  # never leave a request waiting for a worker that is gone
+                self._fail(taken[1], e)
+                if not isinstance(e, Exception):
+                    raise
 
     def _take(self) -> tuple[Settings, list] | None:
         with self._cv:
@@ -162,16 +167,9 @@ class Engine:
     def _run(self, settings: Settings, taken: list) -> None:
         rows = [req.rows[k] for req, k in taken]
         padded = rows + [rows[-1]] * (self.max_batch - len(rows))
-        try:
-            images = self._generate(settings, padded)[: len(rows)]
-        except Exception as e:  # fail the requests in this batch; the server goes on
-            for req in {id(r): r for r, _ in taken}.values():
-                if not req.failed:
-                    req.failed = True
-                    req.done(e)
-            with self._cv:
-                self._counts["failed_batches"] += 1
-            return
+        images = list(self._generate(settings, padded))[: len(rows)]
+        if len(images) != len(rows):
+            raise RuntimeError(f"the model returned {len(images)} images for {len(rows)} rows")
         now = time.monotonic()
         finished = []
         for (req, k), image in zip(taken, images, strict=True):
@@ -187,6 +185,15 @@ class Engine:
             self._latency.extend(now - req.arrival for req in finished)
         for req in finished:
             req.done(req.images)
+
+    def _fail(self, taken: list, error: BaseException) -> None:
+        """Fail every request with a row in a batch that failed (each once); the server goes on."""
+        for req in {id(r): r for r, _ in taken}.values():
+            if not req.failed:
+                req.failed = True
+                req.done(error)
+        with self._cv:
+            self._counts["failed_batches"] += 1
 
     # ------------------------------------------------------------------ metrics
 

@@ -178,7 +178,8 @@ def run_serve(args: argparse.Namespace) -> int:
     spec = ModelSpec.from_folders(args.model, args.prior)
     sizes = _check_serve_args(args, spec)
     try:
-        sock = socket.create_server((args.host, args.port))
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        sock = socket.create_server((args.host, args.port), family=family)
     except OSError as e:
         raise OSError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
 
