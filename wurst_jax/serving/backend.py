@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,25 @@ def generate_images(pipe: Any, settings: Settings, rows: list[Row], prior_defaul
         output_type="pil",
         **prior,
     ).images
+
+
+class StageLog(io.TextIOBase):
+    """A stand-in for stderr while many batches run: the pipeline's per-call "… ran in N s" lines are dropped (a
+    progress bar or /metrics says as much), every other line goes to `write`; the seconds of its "compiled in N s"
+    lines (once per stage and shape) are summed in `compile_seconds`."""
+
+    def __init__(self, write: Any):
+        self._write, self._buf, self.compile_seconds = write, "", 0.0
+
+    def write(self, s: str) -> int:
+        *lines, self._buf = (self._buf + s).split("\n")
+        for line in lines:
+            if re.search(r"\bran in [0-9.]+ s", line):
+                continue
+            if m := re.search(r"compiled in ([0-9.]+) s", line):
+                self.compile_seconds += float(m.group(1))
+            self._write(line)
+        return len(s)
 
 
 def _json(path: Path) -> dict:

@@ -20,10 +20,8 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
-import io
 import json
 import os
-import re
 import signal
 import sys
 import time
@@ -31,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from wurst_jax.serving.backend import ModelSpec, Settings
+from wurst_jax.serving.backend import ModelSpec, Settings, StageLog
 from wurst_jax.serving.jobs import (
     RESULTS,
     Defaults,
@@ -92,29 +90,6 @@ class Summary:
     stopped: bool = False
 
 
-class _StageLines(io.TextIOBase):
-    """Stands in for stderr while the bar is shown: the pipeline's per-call "ran in" lines are dropped (the bar
-    says as much), its "compiled in" lines (once per stage and group) are printed above the bar and summed."""
-
-    def __init__(self, real: Any):
-        self.real, self.buf, self.compile_seconds = real, "", 0.0
-
-    def write(self, s: str) -> int:
-        from tqdm import tqdm
-
-        *lines, self.buf = (self.buf + s).split("\n")
-        for line in lines:
-            if re.search(r"\bran in [0-9.]+ s", line):
-                continue
-            if m := re.search(r"compiled in ([0-9.]+) s", line):
-                self.compile_seconds += float(m.group(1))
-            tqdm.write(line, file=self.real)
-        return len(s)
-
-    def flush(self) -> None:
-        self.real.flush()
-
-
 def write_png(out_dir: Path, name: str, image: Any) -> None:
     """Atomic: a temporary file in the same folder, fsync'd, renamed into place."""
     tmp = out_dir / f".{name}.{os.getpid()}.tmp"
@@ -160,7 +135,7 @@ def run_plan(
     if writer:
         out_dir.mkdir(parents=True, exist_ok=True)
     real = sys.stderr
-    lines = _StageLines(real)
+    lines = StageLog(lambda line: tqdm.write(line, file=real))
     bar = tqdm(total=len(jobs) + skipped, initial=skipped, unit="img", file=real, disable=not show, smoothing=0.1)
     made, stopped, seen = 0, False, set()
     t_start = time.perf_counter()
@@ -339,7 +314,9 @@ def _run(args: argparse.Namespace, flag: StopFlag) -> int:
             file=sys.stderr,
         )
         return EXIT_CODES.get(flag.signum or signal.SIGTERM, 143)
-    if show:
+    if show and not todo:
+        print(f"wurst-jax generate: nothing to do: all {len(jobs)} images are in {out_dir}", file=sys.stderr)
+    elif show:
         wall, rate = summary.seconds, summary.images / summary.seconds if summary.seconds else 0.0
         print(
             f"wurst-jax generate: {summary.images} images in {wall:.1f} s ({rate:.2f} img/s; "

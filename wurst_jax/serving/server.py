@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from wurst_jax.serving.backend import ModelSpec, Row, Settings
+from wurst_jax.serving.backend import ModelSpec, Row, Settings, StageLog
 from wurst_jax.serving.engine import Engine, QueueFull
 from wurst_jax.serving.jobs import MAX_SEED, Defaults, check_int, check_request
 
@@ -172,7 +172,7 @@ def run_serve(args: argparse.Namespace) -> int:
     """The serve command; ValueError / OSError mean bad input (the caller prints them, exit code 2)."""
     try:
         import starlette  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError:
         raise ValueError("needs the serve extra: pip install 'wurst_jax[serve]' (starlette, uvicorn)") from None
     spec = ModelSpec.from_folders(args.model, args.prior)
@@ -184,7 +184,6 @@ def run_serve(args: argparse.Namespace) -> int:
         raise OSError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
 
     import jax
-    import jax.numpy as jnp
 
     import wurst_jax as wj
 
@@ -199,6 +198,32 @@ def run_serve(args: argparse.Namespace) -> int:
     defaults = Defaults(spec.default_size, spec.default_size, decoder_guidance=spec.default_decoder_guidance)
     count_tokens, max_tokens = spec.token_counter()
     sharding = (args.sharding or "dp") if mesh is not None else None
+    real = sys.stderr
+    try:
+        with contextlib.redirect_stderr(StageLog(lambda line: print(line, file=real, flush=True))):
+            # the pipeline's compile lines are kept, its per-batch "ran in" lines dropped; uvicorn logs through it
+            return _serve(args, spec, sizes, sock, mesh, sharding, max_batch, defaults, count_tokens, max_tokens)
+    except KeyboardInterrupt:  # while loading or warming up, before uvicorn handles the signals
+        print("wurst-jax serve: interrupted before serving", file=real)
+        return 130
+
+
+def _serve(
+    args: argparse.Namespace,
+    spec: ModelSpec,
+    sizes: list[tuple[int, int]],
+    sock: socket.socket,
+    mesh: Any,
+    sharding: str | None,
+    max_batch: int,
+    defaults: Defaults,
+    count_tokens: Callable[[str], int],
+    max_tokens: int,
+) -> int:
+    """Load, warm up, serve until a signal, drain."""
+    import jax.numpy as jnp
+    import uvicorn
+
     pipe = spec.load(dtype=getattr(jnp, args.dtype), mesh=mesh, sharding=sharding, progress=not args.quiet)
     engine = Engine(spec.generator(pipe), max_batch, args.max_wait_ms / 1000, args.max_queue)
     warm = [Settings(h, w, None, defaults.prior_guidance, defaults.steps, defaults.decoder_guidance) for h, w in sizes]
