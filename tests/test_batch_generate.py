@@ -139,35 +139,55 @@ def cli_env(devices: int) -> dict:
     }
 
 
-def test_two_processes_equal_one_device(single, tmp_path):
-    _, out = single
-    file = write_jsonl(tmp_path / "a.jsonl", [{**x, **FAST} for x in LINES_A])
+def _two_processes(cmd: list, args: list, results: Path, sigterm_after: int | None = None) -> list:
+    """The command as processes 0 and 1 of a loopback jax.distributed run (1 CPU device each); with
+    `sigterm_after`, process 1 alone gets SIGTERM once results.jsonl has that many lines. Returns their outputs."""
     port = _free_port()
-    args = ["generate", "--prompts", str(file), "--out-dir", str(tmp_path / "out"), "--dtype", "float32"]
-    args += ["--seed", "100", "--quiet", "--coordinator", f"localhost:{port}", "--num-processes", "2"]  # 2 × 2 devices
+    multi = ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id"]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "wurst_jax.cli", *args, "--process-id", str(pid)],
-            env=cli_env(2),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+            [*cmd, *args, *multi, str(pid)], env=cli_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         for pid in range(2)
     ]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    if sigterm_after is not None:
+        deadline = time.monotonic() + 300
+        while len(_lines(results)) < sigterm_after and procs[1].poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+    return [subprocess.CompletedProcess(p.args, p.wait(600), p.communicate()[0], "") for p in procs]
+
+
+def test_two_processes_stop_together_and_equal_one_device(single, tmp_path):
+    """2 processes, batches of 2 spanning both: SIGTERM to process 1 alone (JAX's preemption notice) stops both
+    before the same batch (exit 143); the rerun completes, and the images equal the single-device run's."""
+    _, out = single
+    more = [{"prompt": f"a blue circle {i}", "num_images": 2} for i in range(3)]
+    file = write_jsonl(tmp_path / "a.jsonl", [{**x, **FAST} for x in LINES_A + more])  # 12 images, 6 batches
+    res = tmp_path / "out" / "results.jsonl"
+    args = ["generate", "--prompts", str(file), "--out-dir", str(tmp_path / "out"), "--dtype", "float32"]
+    args += ["--seed", "100", "--quiet", "--cache-dir", str(tmp_path / "cache")]
+
+    runs = _two_processes([sys.executable, "-c", SLOW], args, res, sigterm_after=2)
+    assert [r.returncode for r in runs] == [143, 143], "\n".join(r.stdout[-3000:] for r in runs)
+    stopped = len(_lines(res))
+    assert all(f"{stopped} of 12 images" in r.stdout for r in runs) and 4 <= stopped <= 8
+
+    runs = _two_processes([sys.executable, "-m", "wurst_jax.cli"], args, res)
+    assert [r.returncode for r in runs] == [0, 0], "\n".join(r.stdout[-3000:] for r in runs)
+    recs = [json.loads(x) for x in _lines(res)]
+    assert sorted(r["file"] for r in recs) == sorted({r["file"] for r in recs}) and len(recs) == 12
+    assert {r["batch_size"] for r in recs} == {2}  # one device per process: each batch spans both hosts
     got, ref = by_key(tmp_path / "out"), by_key(out)
-    recs = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
-    assert len(recs) == len(got) == 6 and {r["batch_size"] for r in recs} == {4}  # batches over both hosts
-    assert max(int(np.abs(got[k] - ref[k]).max()) for k in got) <= 1
+    assert max(int(np.abs(got[k] - ref[k]).max()) for k in ref if k[0] in {x["prompt"] for x in LINES_A}) <= 1
 
 
 SLOW = """import sys, time
 import wurst_jax.serving.backend as b
 make = b.generate_images
 def slow(*a, **k):
-    time.sleep(0.5)
+    time.sleep(0.5)  # hold each batch, so that a signal lands inside one
     return make(*a, **k)
 b.generate_images = slow
 from wurst_jax.cli import main

@@ -11,7 +11,8 @@ of all hosts, resumable.
   (143 / 130) saying to rerun it. A second Ctrl-C stops at once (exit 130).
 - Multi-host: every process reads the same FILE and computes the same plan; process 0 alone reads and writes DIR
   (it tells the others which images are done), so DIR need not be on a shared filesystem. The pipeline gathers
-  each batch's images to every process; the decision to stop is agreed between batches.
+  each batch's images to every process; the decision to stop is agreed between batches (SIGTERM through JAX's
+  preemption sync point, which JAX's own notifier catches under `jax.distributed`).
 """
 
 from __future__ import annotations
@@ -205,14 +206,30 @@ def _prepare_out_dir(out_dir: Path, jobs: list[ImageJob], made_with: dict, write
 
 
 def _agreed(flag: StopFlag) -> Callable[[], bool]:
-    """Stop between batches when any process got a signal (all processes must run the same batches)."""
+    """Stop between batches when any process got a signal; all processes stop before the same batch.
+
+    Under `jax.distributed` JAX's preemption notifier takes SIGTERM (the TPU preemption notice) itself, so a
+    SIGTERM shows as `reached_preemption_sync_point`, which every process reaches at the same batch; SIGINT comes
+    to `flag`, which the processes share with an all-gather."""
+    import itertools
+
     import jax
     import numpy as np
     from jax.experimental import multihost_utils
 
-    if jax.process_count() == 1:
-        return lambda: flag.signum is not None
-    return lambda: bool(np.asarray(multihost_utils.process_allgather(np.int32(flag.signum is not None))).any())
+    batch = itertools.count()
+
+    def should_stop() -> bool:
+        try:
+            preempted = multihost_utils.reached_preemption_sync_point(next(batch))
+        except RuntimeError:  # the preemption service is turned off
+            preempted = False
+        if jax.process_count() == 1:
+            return preempted or flag.signum is not None
+        signalled = np.asarray(multihost_utils.process_allgather(np.int32(flag.signum is not None))).any()
+        return preempted or bool(signalled)
+
+    return should_stop
 
 
 def run_batch(args: argparse.Namespace) -> int:
