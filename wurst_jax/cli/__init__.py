@@ -1,4 +1,4 @@
-"""The `wurst-jax` command line: `generate`, `convert`, `train`, `prepare-data`.
+"""The `wurst-jax` command line: `generate`, `convert`, `train`, `prepare-data`, `serve`.
 
 Each subcommand lives in its own module (argument parsing next to the command); the library code they call lives
 in the packages (`pipelines`, `weights`, `train`).
@@ -13,6 +13,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     from wurst_jax.cli.convert import add_convert_parser, run_convert
     from wurst_jax.cli.generate import add_generate_parser, generate
+    from wurst_jax.serving.server import add_serve_parser, run_serve
     from wurst_jax.train.cli import add_train_parser, run_train
     from wurst_jax.train.prepare import add_prepare_parser, run_prepare
 
@@ -22,11 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     add_convert_parser(sub)
     add_train_parser(sub)
     add_prepare_parser(sub)
+    add_serve_parser(sub)
     args = parser.parse_args(argv)
     if args.command in ("convert", "prepare-data"):  # report their own errors (exit 2) and interruptions (130)
         return {"convert": run_convert, "prepare-data": run_prepare}[args.command](args)
     try:
-        return {"generate": generate, "train": run_train}[args.command](args)
+        return {"generate": generate, "train": run_train, "serve": run_serve}[args.command](args)
     except (ValueError, OSError) as e:  # bad input: one clear line, no traceback
         print(f"wurst-jax {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -8,11 +8,14 @@ from pathlib import Path
 
 from wurst_jax.dtypes import DTYPES
 from wurst_jax.samplers import DEFAULT_STAGE_C_TIMESTEPS
+from wurst_jax.serving.batch import add_batch_arguments, run_batch
 
 
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate images from a text prompt", description=__doc__)
-    p.add_argument("prompt", help="what to draw; Compel weighting such as '(red)1.3' or 'circle++' is understood")
+    p.add_argument(
+        "prompt", nargs="?", help="what to draw; Compel weighting such as '(red)1.3' or 'circle++' is understood"
+    )
     p.add_argument(
         "--model",
         help="decoder folder (warp-ai/wuerstchen layout) or a combined folder; default: the tiny model shipped "
@@ -57,6 +60,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--num-processes", type=int, help="multi-host: number of processes (with --coordinator)")
     p.add_argument("--process-id", type=int, help="multi-host: this process's index (with --coordinator)")
+    add_batch_arguments(p)
 
 
 TINY_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny"
@@ -78,6 +82,10 @@ def generate(args: argparse.Namespace) -> int:
 
     import wurst_jax as wj
 
+    if args.prompts or args.out_dir:  # many prompts from a file: wurst_jax/serving/batch.py
+        return run_batch(args)
+    if args.prompt is None:
+        raise ValueError("give a PROMPT, or --prompts FILE --out-dir DIR")
     if args.distributed or args.coordinator:
         wj.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     if args.cache_dir:
