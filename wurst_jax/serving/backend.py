@@ -209,7 +209,7 @@ class ModelSpec:
     def token_counter(self) -> tuple[Any, int]:
         """(count(text) -> the number of tokens the text encoder would see, the limit) for refusing long prompts
         (the pipeline would truncate them); weighting markup is not counted, as the pipeline strips it."""
-        from wurst_jax.prompts import strip_weights
+        from wurst_jax.pipelines.prompts import strip_weights
 
         tok = self.tokenizer()
         return (lambda text: len(tok(strip_weights(text), verbose=False).input_ids)), int(tok.model_max_length)
