@@ -437,3 +437,36 @@ def test_training_steps_lower_the_loss_and_leave_stage_c_bit_equal():
     assert len(flat) == len(want)
     for path, leaf in flat:
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want[path]), err_msg=jax.tree_util.keystr(path))
+
+
+# ---------------------------------------------------------------- in a sampling loop
+
+
+def test_control_made_once_scaled_and_repeated_for_cfg():
+    from wurst_jax.controlnet.stage_c import compute_control, controlled_prior_model, make_condition
+
+    _, module, variables = torch_prior()
+    x, r, pooled, text, img = prior_inputs()
+    cn = StableCascadeControlNet(ControlNetConfig.tiny())
+    cn_vars = cn.init(jax.random.key(0), jnp.zeros((1, 64, 64, 1)))
+    cn_vars = jax.tree_util.tree_map(lambda v: v + 0.05, cn_vars)  # non-zero projections
+    yy, xx = np.mgrid[0:64, 0:80]
+    image = np.repeat(((xx // 16 + yy // 16) % 2).astype(np.float32)[None, ..., None], 3, axis=-1)
+    cond = make_condition("canny", image)
+    assert cond.shape == (1, 64, 80, 1) and cond.max() > 0
+    control = compute_control(cn, cn_vars, cond, scale=0.5, copies=2)
+    single = compute_control(cn, cn_vars, cond)
+    for c, s in zip(control, single, strict=True):
+        assert (c is None) == (s is None)
+        if c is not None:
+            assert c.shape == (2, 2, 3, 16)
+            np.testing.assert_array_equal(c, np.concatenate([s, s]) * np.float32(0.5))
+    model = jax.jit(controlled_prior_model, static_argnums=0)
+    conds = {"pooled": pooled, "text": text, "image": img}
+    got = model(module, variables, x, r, conds | {"control": control})
+    np.testing.assert_array_equal(got, jax.jit(module.apply)(variables, x, r, pooled, text, img, control=control))
+    assert rel_err(got, model(module, variables, x, r, conds)) > 1e-3
+    with pytest.raises(ValueError, match="needs a mask"):
+        make_condition("inpaint", image)
+    with pytest.raises(ValueError, match="one of"):
+        make_condition("depth", image)
