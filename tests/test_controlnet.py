@@ -470,3 +470,20 @@ def test_control_made_once_scaled_and_repeated_for_cfg():
         make_condition("inpaint", image)
     with pytest.raises(ValueError, match="one of"):
         make_condition("depth", image)
+
+
+def test_dtypes_and_bf16_compute():
+    """Parameters stored in param_dtype (BatchNorm statistics too), math in dtype, LayerNorm / BatchNorm in f32."""
+    for cfg in (ControlNetConfig.tiny(), ControlNetConfig.tiny_large()):
+        module = StableCascadeControlNet(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+        shapes = jax.eval_shape(lambda m=module, c=cfg: m.init(jax.random.key(0), jnp.zeros((1, 64, 64, c.c_in))))
+        assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(shapes)} == {jnp.dtype(jnp.bfloat16)}
+    module32 = StableCascadeControlNet(ControlNetConfig.tiny_large())
+    variables = jax.tree_util.tree_map(lambda v: v + 0.05, module32.init(jax.random.key(0), jnp.zeros((1, 8, 8, 4))))
+    x = np.random.default_rng(0).random((1, 8, 8, 4), np.float32)
+    got32 = module32.apply(variables, x)
+    module16 = StableCascadeControlNet(ControlNetConfig.tiny_large(), dtype=jnp.bfloat16)
+    got16 = module16.apply(variables, x)
+    for a, b in zip(got16, got32, strict=True):
+        if a is not None:
+            assert a.dtype == jnp.bfloat16 and rel_err(a, b) < 0.03
