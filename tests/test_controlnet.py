@@ -464,8 +464,8 @@ def test_control_made_once_scaled_and_repeated_for_cfg():
     model = jax.jit(controlled_prior_model, static_argnums=0)
     conds = {"pooled": pooled, "text": text, "image": img}
     got = model(module, variables, x, r, conds | {"control": control})
+    # passed through (that a non-zero control changes stage C's output is checked above)
     np.testing.assert_array_equal(got, jax.jit(module.apply)(variables, x, r, pooled, text, img, control=control))
-    assert rel_err(got, model(module, variables, x, r, conds)) > 1e-3
     with pytest.raises(ValueError, match="needs a mask"):
         make_condition("inpaint", image)
     with pytest.raises(ValueError, match="one of"):
@@ -473,11 +473,14 @@ def test_control_made_once_scaled_and_repeated_for_cfg():
 
 
 def test_dtypes_and_bf16_compute():
-    """Parameters stored in param_dtype (BatchNorm statistics too), math in dtype, LayerNorm / BatchNorm in f32."""
+    """Parameters stored in param_dtype, BatchNorm running statistics in f32 (as `models/effnet.py`), math in
+    dtype, LayerNorm / BatchNorm computed in f32."""
     for cfg in (ControlNetConfig.tiny(), ControlNetConfig.tiny_large()):
         module = StableCascadeControlNet(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
         shapes = jax.eval_shape(lambda m=module, c=cfg: m.init(jax.random.key(0), jnp.zeros((1, 64, 64, c.c_in))))
-        assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(shapes)} == {jnp.dtype(jnp.bfloat16)}
+        assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(shapes["params"])} == {jnp.dtype(jnp.bfloat16)}
+        stats = jax.tree_util.tree_leaves(shapes.get("batch_stats", {}))
+        assert bool(stats) == (cfg.bottleneck_mode == "effnet") and all(v.dtype == jnp.float32 for v in stats)
     module32 = StableCascadeControlNet(ControlNetConfig.tiny_large())
     variables = jax.tree_util.tree_map(lambda v: v + 0.05, module32.init(jax.random.key(0), jnp.zeros((1, 8, 8, 4))))
     x = np.random.default_rng(0).random((1, 8, 8, 4), np.float32)
