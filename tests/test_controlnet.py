@@ -317,6 +317,23 @@ def test_stage_names_refuse_the_other_kind(tmp_path):
     assert main(["convert", str(path), str(tmp_path / "out"), "--stage", "effnet", "--quiet"]) == 2
 
 
+@pytest.mark.parametrize("preset", ["canny", "inpainting", "sr"])
+def test_released_layouts_read_back_as_the_presets(preset):
+    """The full-size original module (on the meta device: nothing allocated) has exactly our tensor names and
+    shapes, and its shapes give back the preset's config."""
+    from wurst_jax.models import abstract_variables
+    from wurst_jax.weights.export import torch_tensors
+
+    cfg = getattr(ControlNetConfig, preset)()
+    with torch.device("meta"):
+        ref = TorchControlNet(cfg)
+    shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert registry.detect(list(shapes))[0].kind == "controlnet"
+    assert registry.get("controlnet").single_file_config(shapes) == cfg
+    module = StableCascadeControlNet(cfg)
+    assert {key: shape for key, shape, _, _ in torch_tensors(module, abstract_variables(module))} == shapes
+
+
 def test_released_presets_have_the_original_parameter_counts():
     # the original classes' counts: torchvision's efficientnet_v2_s features (20,177,488) with a 1- / 4-channel
     # stem, plus 8 × (1280² + 1280 · 2048) projection weights; sr: the large stack plus the same projections
