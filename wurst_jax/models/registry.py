@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from wurst_jax.models import cascade, clip_text, clip_vision
+from wurst_jax.models.cascade import controlnet
 from wurst_jax.models.cascade.config import ATTN
 from wurst_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from wurst_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -273,5 +274,18 @@ register(
         folder="prior",
         heads=_cascade_heads,
         markers=(r"^clip_txt_pooled_mapper\.",),
+    )
+)
+register(
+    ComponentSpec(
+        kind="controlnet",  # Stable Cascade's stage C ControlNet (the original's canny / inpainting / sr files)
+        module=controlnet.StableCascadeControlNet,
+        config=controlnet.ControlNetConfig,
+        class_names=("StableCascadeControlNet",),  # no diffusers class: our own name in exported config.json
+        example_inputs=controlnet.example_inputs,
+        folder="controlnet",
+        markers=(r"^backbone\.\d+\.", r"^projections\.\d+\.\d+\.weight$"),  # effnet's marker and more
+        stage="controlnet",
+        infer_config=controlnet.infer_config,
     )
 )

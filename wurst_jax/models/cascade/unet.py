@@ -5,11 +5,13 @@ sample [B, H, W, in_channels] and the noise ratio [B] go through a patch embeddi
 TimestepBlock, AttnBlock) sequences down and up with skip connections, and a 1×1 head. Conditioning: pooled CLIP
 text (stage B: alone; stage C: with the text states and image embeddings) as attention keys/values, the timestep
 embedding concatenated with those of `sca` / `crp`, and for stage B the stage C latents (`effnet`) and a pixel
-preview, both resized bilinearly to the first level and added to it.
+preview, both resized bilinearly to the first level and added to it. Optionally a ControlNet's `control`
+(`models/cascade/controlnet.py`): entry n is added before the n-th ResBlock run, counted down then up.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -38,6 +40,10 @@ class StableCascadeUNet(nn.Module):
     """sample [B, H, W, Cin], timestep_ratio [B], clip_text_pooled [B, 1, Cp] (or [B, Cp]), and optionally
     clip_text [B, T, Ct] with clip_img [B, n, Ci] (or [B, Ci]) — both or neither —, effnet [B, h, w, Ce],
     pixels [B, h', w', 3], sca / crp ([B] or scalars) → [B, H, W, Cout].
+
+    `control`: a sequence indexed by ResBlock ordinal (over repeat-mapper passes, down levels then up) of None or
+    [B or 1, h, w, C of that block's level], each resized (bilinear, align_corners) to the block's input and added
+    to it, as the original stage C's `cnet`; None (the default) runs exactly the plain network.
 
     Missing inputs as in diffusers: `pixels` → zeros [B, 8, 8, 3]; `effnet` → no effnet term; `sca` / `crp` (and
     any other timestep conditioning) → zeros. Unlike diffusers, a batch of per-sample `sca` / `crp` values works,
@@ -71,6 +77,7 @@ class StableCascadeUNet(nn.Module):
         sca: jax.Array | float | None = None,
         crp: jax.Array | float | None = None,
         deterministic: bool = True,
+        control: Sequence[jax.Array | None] | None = None,
     ) -> jax.Array:
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
         check_inputs(cfg, sample, clip_text_pooled, clip_text, clip_img, effnet, pixels, sca=sca, crp=crp)
@@ -94,7 +101,10 @@ class StableCascadeUNet(nn.Module):
                 return skip, deterministic
             return (clip, deterministic) if isinstance(block, AttnBlock) else (r_embed,)
 
-        x = self._up(self._down(x, args, deterministic), args, deterministic)
+        ctl = None if control is None else _ControlFeed(control)
+        x = self._up(self._down(x, args, deterministic, ctl), args, deterministic, ctl)
+        if ctl is not None:
+            ctl.check_consumed()
         out = conv(cfg.out_channels * cfg.patch_size**2, 1, "clf_1", dt, pdt, zero_init=True)(layer_norm(x))
         return pixel_shuffle(out, cfg.patch_size).astype(sample.dtype)
 
@@ -140,7 +150,7 @@ class StableCascadeUNet(nn.Module):
             return AttnBlock(c, cfg.conditioning_dim, heads, self_attn, drop, dt, pdt, **kw)
         return TimestepBlock(c, dt, pdt, cfg.timestep_conditioning_type, **kw)
 
-    def _level(self, prefix: str, level: int, n_layers: int, takes_skip: bool, args, deterministic: bool) -> Any:
+    def _level(self, prefix: str, level: int, n_layers: int, takes_skip: bool, args, deterministic: bool, ctl) -> Any:
         """A function x, skip → x running `n_layers` repeats of the level's block sequence (children `prefix_0`
         ...). Its modules are created here, once, so that the passes of a repeat mapper share them."""
         cfg = self.config
@@ -157,17 +167,21 @@ class StableCascadeUNet(nn.Module):
         kw = dict(scan=self.scan_blocks, remat=self.remat, deterministic=deterministic)
 
         def run(x: jax.Array, skip: jax.Array | None) -> jax.Array:
-            # The original stage C's ControlNet adds a signal before the n-th ResBlock of the whole network (counted
-            # over passes, down then up); it would go in this loop, and a scanned run would stop at such a block.
             for j, block in enumerate(modules):
+                if ctl is not None and isinstance(block, ResBlockStageB):
+                    x = ctl.add(x)
                 x = block(x, *args(block, skip if j == 0 else None))
-            if names:
+            if names and ctl is None:
                 x = apply_repeats(self, x, names, unbound, lambda block: args(block, None), **kw)
+            elif names:  # a control entry splits the functional repeats before its repeat
+                for segment, entry in ctl.segments(names, kinds):
+                    x = x if entry is None else ctl.add(x, entry)
+                    x = apply_repeats(self, x, segment, unbound, lambda block: args(block, None), **kw)
             return x
 
         return run
 
-    def _down(self, x: jax.Array, args, deterministic: bool) -> list[jax.Array]:
+    def _down(self, x: jax.Array, args, deterministic: bool, ctl) -> list[jax.Array]:
         """The down levels; returns their outputs, deepest first."""
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
         outputs = []
@@ -179,7 +193,7 @@ class StableCascadeUNet(nn.Module):
                 else:
                     scaler = UpDownBlock2d(c, "down", cfg.switch_level[i - 1], dt, pdt, name=name)
                 x = scaler(layer_norm(x))
-            run = self._level(f"down_blocks_{i}", i, cfg.down_num_layers_per_block[i], False, args, deterministic)
+            run = self._level(f"down_blocks_{i}", i, cfg.down_num_layers_per_block[i], False, args, deterministic, ctl)
             for p in range(cfg.down_blocks_repeat_mappers[i]):
                 if p > 0:
                     x = conv(c, 1, f"down_repeat_mappers_{i}_{p - 1}", dt, pdt)(x)
@@ -187,7 +201,7 @@ class StableCascadeUNet(nn.Module):
             outputs.insert(0, x)
         return outputs
 
-    def _up(self, outputs: list[jax.Array], args, deterministic: bool) -> jax.Array:
+    def _up(self, outputs: list[jax.Array], args, deterministic: bool, ctl) -> jax.Array:
         """The up levels from the deepest; the first ResBlock of each later level takes that level's down output
         (x first resized to it, bilinear, where a halving rounded down) on every repeat-mapper pass."""
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
@@ -198,7 +212,7 @@ class StableCascadeUNet(nn.Module):
             n_layers = cfg.up_num_layers_per_block[u]
             takes_skip = u > 0 and n_layers > 0 and cfg.block_types_per_layer[i][0] == RES
             skip = outputs[u] if takes_skip else None
-            run = self._level(f"up_blocks_{u}", i, n_layers, takes_skip, args, deterministic)
+            run = self._level(f"up_blocks_{u}", i, n_layers, takes_skip, args, deterministic, ctl)
             for p in range(cfg.up_blocks_repeat_mappers[u]):
                 if p > 0:
                     x = conv(cfg.block_out_channels[i], 1, f"up_repeat_mappers_{u}_{p - 1}", dt, pdt)(x)
@@ -213,6 +227,53 @@ class StableCascadeUNet(nn.Module):
                     scaler = UpDownBlock2d(c, "up", cfg.switch_level[i - 1], dt, pdt, name=name)
                 x = scaler(layer_norm(x))
         return x
+
+
+class _ControlFeed:
+    """Hands out `control` entries in ResBlock order (the original's `ControlNetDeliverer`), at trace time."""
+
+    def __init__(self, control: Sequence[jax.Array | None]):
+        self.entries, self.n = tuple(control), 0
+
+    def take(self) -> jax.Array | None:
+        entry = self.entries[self.n] if self.n < len(self.entries) else None
+        self.n += 1
+        return entry
+
+    def add(self, x: jax.Array, taken: tuple[int, jax.Array] | None = None) -> jax.Array:
+        """x [B, H, W, C] plus the next entry (or `taken`: an (index, entry) taken before), resized to H, W."""
+        n, c = taken if taken is not None else (self.n, self.take())
+        if c is None:
+            return x
+        if c.ndim != 4 or c.shape[-1] != x.shape[-1] or c.shape[0] not in (1, x.shape[0]):
+            raise ValueError(
+                f"StableCascadeUNet: control[{n}] must be [{x.shape[0]} or 1, h, w, {x.shape[-1]}] (ResBlock {n}'s "
+                f"channels), got {c.shape}"
+            )
+        return x + resize_bilinear(c, x.shape[1:3]).astype(x.dtype)
+
+    def segments(self, names: list[list[str]], kinds: tuple[str, ...]) -> list[tuple[list[list[str]], Any]]:
+        """The functional repeats `names` split into runs, each with the entry added before it (or None)."""
+        out: list[tuple[list[list[str]], Any]] = []
+        for rep in names:
+            entries = [self.take() for kind in kinds if kind == RES]
+            if any(e is not None for e in entries):
+                if kinds[0] != RES or len(entries) != 1:
+                    raise NotImplementedError(
+                        "StableCascadeUNet: control with scan_blocks / remat needs one ResBlock first in each "
+                        f"repeat of a level, got {kinds}"
+                    )
+                out.append(([rep], (self.n - 1, entries[0])))
+            elif out:
+                out[-1][0].append(rep)
+            else:
+                out.append(([rep], None))
+        return out
+
+    def check_consumed(self) -> None:
+        late = [i for i, c in enumerate(self.entries) if c is not None and i >= self.n]
+        if late:
+            raise ValueError(f"StableCascadeUNet: control entries {late} are past the network's {self.n} ResBlocks")
 
 
 def _per_sample(value: Any, b: int, name: str) -> jax.Array:
