@@ -1,0 +1,210 @@
+"""Stable Cascade pipelines against diffusers 0.42's on the same tiny random folders, and diffusers' bugs fixed.
+
+diffusers runs with every random draw (initial decoder latents, each scheduler step) served from arrays that
+our pipelines get as `latents` / `step_noise`, so both compute the same deterministic function.
+"""
+
+import numpy as np
+import pytest
+import torch
+from cascade_checkpoints import build
+from conftest import nchw, nhwc, rel_err
+from PIL import Image
+
+import wurst_jax as wj
+
+SIZE = (128, 256)  # prior latent 3×6, decoder latent 32×64: non-square
+PRIOR_STEPS, DECODER_STEPS = 3, 2
+
+
+@pytest.fixture(scope="module")
+def sc(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sc")
+    ref = build(root)
+    pipe = wj.StableCascadeCombinedPipeline.from_pretrained(
+        root / "stable-cascade", prior=root / "stable-cascade-prior", progress=False
+    )
+    return root, ref, pipe
+
+
+def replay(monkeypatch, call, noises, **kwargs):
+    """Run a diffusers pipeline call with every randn served from `noises` (NCHW tensors), in order."""
+    import diffusers.pipelines.stable_cascade.pipeline_stable_cascade as dec_mod
+    import diffusers.pipelines.stable_cascade.pipeline_stable_cascade_prior as prior_mod
+    import diffusers.schedulers.scheduling_ddpm_wuerstchen as sched_mod
+
+    queue = list(noises)
+
+    def fake_randn(shape, **_):
+        t = queue.pop(0)
+        assert tuple(t.shape) == tuple(shape), (t.shape, shape)
+        return t
+
+    for mod in (sched_mod, dec_mod, prior_mod):
+        monkeypatch.setattr(mod, "randn_tensor", fake_randn)
+    with torch.no_grad():
+        out = call(**kwargs)
+    assert not queue
+    return out
+
+
+def noise(pipe, n, seed=0):
+    """Initial prior latents, prior step noise, decoder latents, decoder step noise (NHWC, f32)."""
+    rng = np.random.default_rng(seed)
+    h, w = pipe.prior_pipe.latent_size(*SIZE)
+    hd, wd = pipe.decoder_pipe.latent_size(h, w)
+    return (
+        rng.standard_normal((n, h, w, 16), np.float32),
+        rng.standard_normal((PRIOR_STEPS, n, h, w, 16), np.float32),
+        rng.standard_normal((n, hd, wd, 4), np.float32),
+        rng.standard_normal((DECODER_STEPS, n, hd, wd, 4), np.float32),
+    )
+
+
+def pictures():
+    rng = np.random.default_rng(3)
+    return [Image.fromarray(rng.integers(0, 256, s, np.uint8)) for s in ((40, 30, 3), (25, 50, 3))]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(prompt=["a red circle", "a blue square"], negative_prompt=["blurry", "dark"], n_per=1, dec_w=0.0),
+        dict(prompt="a photo", images=True, n_per=2, dec_w=2.0),  # variation: two images → two image tokens
+    ],
+    ids=["text", "variation"],
+)
+def test_combined_matches_diffusers(sc, monkeypatch, case):
+    _, ref, pipe = sc
+    b = 1 if isinstance(case["prompt"], str) else len(case["prompt"])
+    n = b * case["n_per"]
+    latents, prior_noise, dec_latents, dec_noise = noise(pipe, n)
+    common = dict(
+        prompt=case["prompt"],
+        negative_prompt=case.get("negative_prompt"),
+        images=pictures() if case.get("images") else None,
+        height=SIZE[0],
+        width=SIZE[1],
+        prior_num_inference_steps=PRIOR_STEPS,
+        prior_guidance_scale=4.0,
+        num_inference_steps=DECODER_STEPS,
+        decoder_guidance_scale=case["dec_w"],
+        num_images_per_prompt=case["n_per"],
+    )
+    noises = [nchw(x) for x in prior_noise] + [nchw(dec_latents)] + [nchw(x) for x in dec_noise]
+    want = replay(monkeypatch, ref["combined"], noises, latents=nchw(latents), output_type="np", **common).images
+    got = pipe(
+        **common,
+        latents=latents,
+        decoder_latents=dec_latents,
+        prior_step_noise=prior_noise,
+        decoder_step_noise=dec_noise,
+        output_type="np",
+    ).images
+    assert got.shape == want.shape == (n, *SIZE, 3)
+    err = float(np.max(np.abs(got - want)))
+    inside = float(np.mean((want > 0.01) & (want < 0.99)))
+    print(f"{case}: max abs pixel error vs diffusers {err:.2e} ({inside:.0%} of pixels unclamped)")
+    assert err < 1e-3, err
+    assert got.std() > 1e-3 and inside > 0.1  # a real image, not a constant or a saturated one
+
+
+def test_prior_matches_diffusers(sc, monkeypatch):
+    _, ref, pipe = sc
+    prompts = ["a red circle", "a blue square"]
+    latents, prior_noise, _, _ = noise(pipe, 2, seed=1)
+    common = dict(height=SIZE[0], width=SIZE[1], num_inference_steps=PRIOR_STEPS, guidance_scale=4.0)
+    want = replay(monkeypatch, ref["prior"], [nchw(x) for x in prior_noise], prompt=prompts, latents=nchw(latents),
+                  output_type="pt", **common)  # fmt: skip
+    got = pipe.prior_pipe(prompts, latents=latents, step_noise=prior_noise, **common)
+    err = rel_err(got.image_embeddings, nhwc(want.image_embeddings))
+    text_err = rel_err(got.prompt_embeds, want.prompt_embeds.numpy())
+    pooled_err = rel_err(got.prompt_embeds_pooled, want.prompt_embeds_pooled.numpy())
+    neg_err = rel_err(got.negative_prompt_embeds_pooled, want.negative_prompt_embeds_pooled.numpy())
+    print(f"prior image_embeddings rel err {err:.2e}; text {text_err:.2e}, pooled {pooled_err:.2e}, neg {neg_err:.2e}")
+    assert err < 1e-4 and max(text_err, pooled_err, neg_err) < 1e-5
+    assert got.prompt_embeds_pooled.shape == (2, 1, 12)
+
+
+def test_decoder_matches_diffusers(sc, monkeypatch):
+    """The decoder on its own: its own text encoder, guidance with a negative prompt."""
+    _, ref, pipe = sc
+    rng = np.random.default_rng(2)
+    emb = rng.standard_normal((2, 3, 6, 16), np.float32)
+    _, _, dec_latents, dec_noise = noise(pipe, 2, seed=2)
+    common = dict(prompt=["a cat", "a dog"], negative_prompt=["ugly", "blurry"], num_inference_steps=DECODER_STEPS,
+                  guidance_scale=2.0)  # fmt: skip
+    want = replay(monkeypatch, ref["decoder"], [nchw(x) for x in dec_noise], image_embeddings=nchw(emb),
+                  latents=nchw(dec_latents), output_type="np", **common).images  # fmt: skip
+    got = pipe.decoder_pipe(emb, latents=dec_latents, step_noise=dec_noise, output_type="np", **common).images
+    err = float(np.max(np.abs(got - want)))
+    print(f"decoder: max abs pixel error vs diffusers {err:.2e}")
+    assert err < 1e-3
+
+
+# ---------------------------------------------------------------- where diffusers is wrong, we are not
+
+
+def test_single_image_equals_a_list_of_one(sc):
+    """diffusers rejects `images=<one PIL image>` (it iterates over it); one image is one image token."""
+    _, _, pipe = sc
+    kw = dict(height=SIZE[0], width=SIZE[1], num_inference_steps=PRIOR_STEPS, seed=3)
+    one = pipe.prior_pipe("a photo", images=pictures()[0], **kw).image_embeddings
+    listed = pipe.prior_pipe("a photo", images=pictures()[:1], **kw).image_embeddings
+    text_only = pipe.prior_pipe("a photo", **kw).image_embeddings
+    np.testing.assert_array_equal(one, listed)
+    assert np.abs(one - text_only).max() > 1e-4  # the image conditions the prior
+
+
+def test_custom_timesteps_are_used(sc):
+    """diffusers accepts `timesteps` and ignores it; here they are the schedule."""
+    _, _, pipe = sc
+    kw = dict(prompt="a photo", height=SIZE[0], width=SIZE[1], seed=4)
+    even = pipe.prior_pipe(num_inference_steps=PRIOR_STEPS, **kw).image_embeddings
+    same = pipe.prior_pipe(timesteps=np.linspace(1, 0, PRIOR_STEPS + 1).tolist(), **kw).image_embeddings
+    other = pipe.prior_pipe(timesteps=[1.0, 0.9, 0.8, 0.0], **kw).image_embeddings
+    np.testing.assert_allclose(same, even, atol=1e-6)
+    assert np.abs(other - even).max() > 1e-3
+
+
+def test_precomputed_embeddings(sc):
+    """2-D pooled embeddings read as one token (diffusers mis-shapes them); decoder guidance with precomputed
+    embeddings and no negative ones (diffusers crashes) uses the negative prompt's; the combined pipeline with
+    decoder guidance and no prior guidance (diffusers crashes) too."""
+    _, _, pipe = sc
+    prior = pipe.prior_pipe
+    kw = dict(height=SIZE[0], width=SIZE[1], num_inference_steps=PRIOR_STEPS, seed=5)
+    out = prior(["a red circle", "a blue square"], **kw)
+    embeds = dict(prompt_embeds=out.prompt_embeds, negative_prompt_embeds=out.negative_prompt_embeds,
+                  negative_prompt_embeds_pooled=out.negative_prompt_embeds_pooled)  # fmt: skip
+    flat = prior(prompt_embeds_pooled=out.prompt_embeds_pooled[:, 0], **embeds, **kw).image_embeddings
+    np.testing.assert_allclose(flat, out.image_embeddings, atol=1e-6)
+
+    dec = pipe.decoder_pipe
+    dkw = dict(num_inference_steps=DECODER_STEPS, guidance_scale=2.0, seed=6, output_type="np")
+    emb = out.image_embeddings
+    from_prompt = dec(emb, prompt=["a red circle", "a blue square"], **dkw).images
+    pooled = dec.text.with_pooled(["a red circle", "a blue square"])[1]
+    precomputed = dec(emb, prompt_embeds_pooled=pooled, **dkw).images
+    np.testing.assert_allclose(precomputed, from_prompt, atol=1e-6)
+
+    ckw = dict(height=SIZE[0], width=SIZE[1], prior_num_inference_steps=PRIOR_STEPS,
+               num_inference_steps=DECODER_STEPS, seed=7, output_type="np")  # fmt: skip
+    guided = pipe("a red circle", prior_guidance_scale=1.0, decoder_guidance_scale=2.0, **ckw).images
+    plain = pipe("a red circle", prior_guidance_scale=1.0, decoder_guidance_scale=0.0, **ckw).images
+    assert np.isfinite(guided).all() and np.abs(guided - plain).max() > 1e-3
+
+
+def test_bad_inputs_name_the_argument(sc):
+    _, _, pipe = sc
+    kw = dict(height=SIZE[0], width=SIZE[1], num_inference_steps=1)
+    with pytest.raises(ValueError, match="prompt_embeds_pooled"):
+        pipe.prior_pipe(prompt_embeds=np.zeros((1, 77, 12), np.float32), **kw)
+    with pytest.raises(ValueError, match="image_embeds"):
+        pipe.prior_pipe("x", image_embeds=np.zeros((1, 1, 7), np.float32), **kw)
+    with pytest.raises(ValueError, match="at most one of `images` and `image_embeds`"):
+        pipe.prior_pipe("x", images=pictures(), image_embeds=np.zeros((1, 1, 10), np.float32), **kw)
+    with pytest.raises(ValueError, match="decoder latent"):
+        pipe("x", height=64, width=64)  # prior 2×2 → decoder 21×21: stage B patches by 2
+    with pytest.raises(ValueError, match="image_embeddings"):
+        pipe.decoder_pipe(np.zeros((1, 3, 6, 4), np.float32), prompt="x")
