@@ -195,6 +195,25 @@ def test_precomputed_embeddings(sc):
     assert np.isfinite(guided).all() and np.abs(guided - plain).max() > 1e-3
 
 
+def test_shared_negative_prompt_and_image_embeds(sc):
+    """One negative string for a list of prompts (diffusers fails: one row for B); `image_embeds` shared ([1, k, P],
+    also 2-D [1, P]) or per prompt ([B, k, P]; diffusers repeats a B-row batch B times over)."""
+    _, _, pipe = sc
+    kw = dict(
+        prompt=["a red circle", "a blue square"], height=SIZE[0], width=SIZE[1], num_inference_steps=PRIOR_STEPS, seed=9
+    )
+    one = pipe.prior_pipe(negative_prompt="blurry", **kw).image_embeddings
+    listed = pipe.prior_pipe(negative_prompt=["blurry", "blurry"], **kw).image_embeddings
+    np.testing.assert_array_equal(one, listed)
+    e = np.random.default_rng(0).standard_normal((1, 1, 10)).astype(np.float32)
+    shared = pipe.prior_pipe(image_embeds=e, **kw).image_embeddings
+    for same in (e[:, 0], np.repeat(e, 2, axis=0)):
+        np.testing.assert_allclose(pipe.prior_pipe(image_embeds=same, **kw).image_embeddings, shared, atol=1e-6)
+    per_prompt = pipe.prior_pipe(image_embeds=np.concatenate([e, -e]), **kw).image_embeddings
+    np.testing.assert_allclose(per_prompt[0], shared[0], atol=1e-6)
+    assert np.abs(per_prompt[1] - shared[1]).max() > 1e-4
+
+
 def test_bad_inputs_name_the_argument(sc):
     _, _, pipe = sc
     kw = dict(height=SIZE[0], width=SIZE[1], num_inference_steps=1)
