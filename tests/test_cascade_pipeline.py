@@ -263,3 +263,22 @@ def test_bf16_against_f32_every_step(sc):
     print(f"bf16 vs f32 rel err per step (prior, then decoder): {[f'{e:.1e}' for e in errs]}; pixels max {pixel:.3f}")
     assert all(np.isfinite(s).all() for s in s16) and np.isfinite(img16).all()
     assert max(errs) < 0.05 and pixel < 0.05, (errs, pixel)  # measured: 1.3e-2, 0.017
+
+
+def test_sharded_and_offloaded_equals_one_device(sc):
+    """fsdp over a 4-device data axis (2 images: the batch is padded) with offloaded stages, against one device
+    (the variation case's shapes: one device reuses its programs)."""
+    import jax
+
+    root, _, pipe = sc
+    mesh = wj.make_mesh(data=4, model=1, devices=jax.devices()[:4])
+    sharded = wj.StableCascadeCombinedPipeline.from_pretrained(
+        root / "stable-cascade", prior=root / "stable-cascade-prior", mesh=mesh, sharding="fsdp", offload=True,
+        progress=False,
+    )  # fmt: skip
+    kw = dict(height=SIZE[0], width=SIZE[1], prior_num_inference_steps=PRIOR_STEPS, num_inference_steps=DECODER_STEPS)
+    kw.update(num_images_per_prompt=2, images=pictures(), decoder_guidance_scale=2.0, output_type="np", seed=11)
+    want = pipe("a photo", **kw).images
+    got = sharded("a photo", **kw).images
+    assert got.shape == (2, *SIZE, 3)
+    np.testing.assert_allclose(got, want, atol=1e-4)  # XLA's CPU summation order differs per layout
