@@ -190,6 +190,7 @@ def test_precomputed_embeddings(sc):
 
     ckw = dict(height=SIZE[0], width=SIZE[1], prior_num_inference_steps=PRIOR_STEPS,
                num_inference_steps=DECODER_STEPS, seed=7, output_type="np")  # fmt: skip
+    ckw.update(num_images_per_prompt=2)  # the decoder's shapes of the parity cases: their programs are reused
     guided = pipe("a red circle", prior_guidance_scale=1.0, decoder_guidance_scale=2.0, **ckw).images
     plain = pipe("a red circle", prior_guidance_scale=1.0, decoder_guidance_scale=0.0, **ckw).images
     assert np.isfinite(guided).all() and np.abs(guided - plain).max() > 1e-3
@@ -212,6 +213,19 @@ def test_shared_negative_prompt_and_image_embeds(sc):
     per_prompt = pipe.prior_pipe(image_embeds=np.concatenate([e, -e]), **kw).image_embeddings
     np.testing.assert_allclose(per_prompt[0], shared[0], atol=1e-6)
     assert np.abs(per_prompt[1] - shared[1]).max() > 1e-4
+
+
+def test_combined_folder_loads(sc):
+    """diffusers' combined layout (prior_prior/, prior_text_encoder/, …, decoder/, …) in one folder."""
+    import jax
+
+    root, ref, pipe = sc
+    ref["combined"].save_pretrained(root / "combined")
+    one = wj.StableCascadeCombinedPipeline.from_pretrained(root / "combined", progress=False)
+    for a, b in [(one.prior_pipe.prior, pipe.prior_pipe.prior), (one.decoder_pipe.vqgan, pipe.decoder_pipe.vqgan),
+                 (one.prior_pipe.images.encoder, pipe.prior_pipe.images.encoder)]:  # fmt: skip
+        jax.tree_util.tree_map(np.testing.assert_array_equal, a.variables, b.variables)
+    assert one.prior_pipe.images.size == 28
 
 
 def test_bad_inputs_name_the_argument(sc):
