@@ -296,3 +296,11 @@ def test_sharded_and_offloaded_equals_one_device(sc):
     got = sharded("a photo", **kw).images
     assert got.shape == (2, *SIZE, 3)
     np.testing.assert_allclose(got, want, atol=1e-4)  # XLA's CPU summation order differs per layout
+
+
+def test_weighted_prompt_moves_the_states_not_the_pooled_embedding(sc):
+    text = sc[2].prior_pipe.text
+    states, pooled = text.with_pooled(["a (red)1.5 circle"])
+    plain_states, plain_pooled = text.with_pooled(["a red circle"])
+    np.testing.assert_allclose(pooled, plain_pooled, atol=1e-6)
+    assert np.abs(states - plain_states).max() > 1e-4
