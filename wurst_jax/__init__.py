@@ -1,8 +1,8 @@
 """wurst_jax: Würstchen text-to-image in JAX/Flax.
 
-The public surface: the text-to-image pipelines, the stage modules and their configs (and the EfficientNet
-semantic encoder the stages were trained on), `load_component` / `convert_state_dict` for PyTorch weights, and
-`WeightsError`, the exception every weight problem raises.
+The public surface: the text-to-image pipelines (Würstchen v2 and Stable Cascade), the stage modules and their
+configs (and the EfficientNet semantic encoder the stages were trained on), `load_component` /
+`convert_state_dict` for PyTorch weights, and `WeightsError`, the exception every weight problem raises.
 """
 
 from wurst_jax.models import (
@@ -19,6 +19,10 @@ from wurst_jax.models import (
 )
 from wurst_jax.pipelines import (
     ImagePipelineOutput,
+    StableCascadeCombinedPipeline,
+    StableCascadeDecoderPipeline,
+    StableCascadePriorPipeline,
+    StableCascadePriorPipelineOutput,
     WuerstchenDecoderPipeline,
     WuerstchenPipeline,
     WuerstchenPriorPipeline,
@@ -35,6 +39,10 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_STAGE_C_TIMESTEPS",
     "ImagePipelineOutput",
+    "StableCascadeCombinedPipeline",
+    "StableCascadeDecoderPipeline",
+    "StableCascadePriorPipeline",
+    "StableCascadePriorPipelineOutput",
     "WuerstchenDecoderPipeline",
     "WuerstchenPipeline",
     "WuerstchenPriorPipeline",

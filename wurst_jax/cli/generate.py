@@ -1,4 +1,9 @@
-"""`wurst-jax generate`: text-to-image PNGs."""
+"""`wurst-jax generate`: text-to-image (and Stable Cascade image variation) PNGs.
+
+The generation comes from the --model folder's model_index.json: `StableCascade*` pipelines run Stable Cascade
+(Würstchen v3), anything else Würstchen v2. Defaults: v2 prior 29 DEFAULT_STAGE_C_TIMESTEPS, guidance 4, decoder
+12 steps; Stable Cascade prior 20 steps, guidance 4, decoder 10 steps; decoder guidance 0 (off) for both.
+"""
 
 from __future__ import annotations
 
@@ -18,10 +23,21 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--model",
-        help="decoder folder (warp-ai/wuerstchen layout) or a combined folder; default: the tiny model shipped "
-        "with wurst_jax (64×64 shapes and colours)",
+        help="decoder folder (warp-ai/wuerstchen or stabilityai/stable-cascade layout) or a combined folder; its "
+        "model_index.json picks the generation; default: the tiny v2 model shipped with wurst_jax (64×64 shapes)",
     )
-    p.add_argument("--prior", help="prior folder (warp-ai/wuerstchen-prior layout); omit for a combined folder")
+    p.add_argument(
+        "--prior",
+        help="prior folder (warp-ai/wuerstchen-prior or stabilityai/stable-cascade-prior layout); omit for a "
+        "combined folder",
+    )
+    p.add_argument(
+        "--image",
+        action="append",
+        metavar="FILE",
+        help="Stable Cascade image variation: condition on this image (repeatable: one image token each; the "
+        "prior folder needs image_encoder/)",
+    )
     p.add_argument("--out", default="image.png", help="output PNG; several images are numbered (image_0.png, …)")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (used when guidance > 1)")
     p.add_argument("--height", type=int, help="image height in pixels (default: the model's size, 1024 for v2)")
@@ -31,10 +47,11 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
         "--prior-steps",
         type=int,
         default=None,
-        help="prior steps, evenly spaced (default: the 29 DEFAULT_STAGE_C_TIMESTEPS the authors recommend)",
+        help="prior steps, evenly spaced (default: v2 the 29 DEFAULT_STAGE_C_TIMESTEPS the authors recommend; "
+        "Stable Cascade 20)",
     )
     p.add_argument("--prior-guidance", type=float, default=4.0, help="prior classifier-free guidance (default 4.0)")
-    p.add_argument("--steps", type=int, default=12, help="decoder steps (default 12)")
+    p.add_argument("--steps", type=int, default=None, help="decoder steps (default: v2 12, Stable Cascade 10)")
     p.add_argument(
         "--decoder-guidance",
         type=float,
@@ -76,13 +93,27 @@ def model_defaults(model: Path) -> tuple[int, float]:
         return 1024, 0.0
 
 
+def is_stable_cascade(model: Path) -> bool:
+    """Whether a pipeline folder's model_index.json names a Stable Cascade pipeline (`StableCascade*`)."""
+    try:
+        name = json.loads((model / "model_index.json").read_text()).get("_class_name", "")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(name, str) and name.startswith("StableCascade")
+
+
 def generate(args: argparse.Namespace) -> int:
-    import jax
     import jax.numpy as jnp
 
     import wurst_jax as wj
 
+    cascade = args.model is not None and is_stable_cascade(Path(args.model))
+    if args.image and not cascade:
+        raise ValueError("--image (image variation) needs a Stable Cascade --model (model_index.json StableCascade*)")
     if args.prompts or args.out_dir:  # many prompts from a file: wurst_jax/serving/batch.py
+        if cascade:
+            raise ValueError("batch generation (--prompts) runs Würstchen v2 models only; give one PROMPT")
+        args.steps = 12 if args.steps is None else args.steps
         return run_batch(args)
     if args.prompt is None:
         raise ValueError("give a PROMPT, or --prompts FILE --out-dir DIR")
@@ -100,28 +131,60 @@ def generate(args: argparse.Namespace) -> int:
             raise ValueError("--prior needs --model")
         args.model, args.prior = str(TINY_MODEL / "wuerstchen"), str(TINY_MODEL / "wuerstchen-prior")
     size, decoder_guidance = model_defaults(Path(args.model))
-    pipe = wj.WuerstchenPipeline.from_pretrained(
-        decoder=args.model,
-        prior=args.prior,
-        dtype=getattr(jnp, args.dtype),
-        offload=args.offload,
-        progress=not args.quiet,
-        mesh=mesh,
-        sharding=args.sharding,
-    )
-    images = pipe(
-        args.prompt,
+    opts = dict(dtype=getattr(jnp, args.dtype), offload=args.offload, progress=not args.quiet, mesh=mesh)
+    common = dict(
         height=args.height or size,
         width=args.width or size,
-        prior_num_inference_steps=args.prior_steps or 60,
-        prior_timesteps=None if args.prior_steps else DEFAULT_STAGE_C_TIMESTEPS,
         prior_guidance_scale=args.prior_guidance,
-        num_inference_steps=args.steps,
         decoder_guidance_scale=decoder_guidance if args.decoder_guidance is None else args.decoder_guidance,
         negative_prompt=args.negative_prompt,
         num_images_per_prompt=args.num_images,
         seed=args.seed,
+    )
+    if cascade:
+        images = [_open_image(f) for f in args.image or ()]
+        pipe = wj.StableCascadeCombinedPipeline.from_pretrained(
+            decoder=args.model, prior=args.prior, sharding=args.sharding, **opts
+        )
+        images = pipe(
+            args.prompt,
+            images=images or None,
+            prior_num_inference_steps=args.prior_steps or 20,
+            num_inference_steps=args.steps or 10,
+            **common,
+        ).images
+        return _save(images, out)
+    pipe = wj.WuerstchenPipeline.from_pretrained(
+        decoder=args.model,
+        prior=args.prior,
+        sharding=args.sharding,
+        **opts,
+    )
+    images = pipe(
+        args.prompt,
+        prior_num_inference_steps=args.prior_steps or 60,
+        prior_timesteps=None if args.prior_steps else DEFAULT_STAGE_C_TIMESTEPS,
+        num_inference_steps=args.steps or 12,
+        **common,
     ).images
+    return _save(images, out)
+
+
+def _open_image(path: str):
+    """An --image file as an RGB-convertible PIL image (loaded now, so a bad file fails before any work)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except OSError as e:
+        raise ValueError(f"--image {path}: cannot read it as an image ({e})") from None
+
+
+def _save(images: list, out: Path) -> int:
+    import jax
+
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
     if jax.process_index() != 0:  # every process holds all images; one writes them
         return 0

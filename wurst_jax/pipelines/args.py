@@ -28,6 +28,23 @@ def per_image(name: str, value: Any, n: int) -> list[str]:
     return [t for t in texts for _ in range(n // len(texts))]
 
 
+def rows_per_image(name: str, x: np.ndarray, n: int) -> np.ndarray:
+    """An array of k rows (k dividing n) → n rows, each row covering n / k consecutive images."""
+    if x.shape[0] == 0 or n % x.shape[0]:
+        raise ValueError(f"`{name}` has {x.shape[0]} rows, which does not divide the {n} images")
+    return np.repeat(x, n // x.shape[0], axis=0)
+
+
+def negatives(negative_prompt: Any, b: int) -> list[str]:
+    """One negative prompt per prompt: None → "", one string → shared by all `b`, else exactly `b` of them."""
+    texts = [""] * b if negative_prompt is None else as_list("negative_prompt", negative_prompt)
+    if len(texts) == 1 and b > 1 and isinstance(negative_prompt, str):
+        texts = texts * b
+    if len(texts) != b:
+        raise ValueError(f"`negative_prompt` has {len(texts)} entries but `prompt` has {b}")
+    return texts
+
+
 def check_int(name: str, value: Any, low: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ValueError(f"`{name}` must be an integer ≥ {low}, got {value!r}")

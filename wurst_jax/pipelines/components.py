@@ -74,6 +74,18 @@ def load_tokenizer(folder: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(folder))
 
 
+def read_preprocessor_config(folder: Path) -> dict[str, Any]:
+    """A `CLIPImageProcessor` folder's preprocessor_config.json as a dict."""
+    path = folder / "preprocessor_config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{path}: cannot read it as JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise WeightsError(f"{path}: expected a JSON object")
+    return raw
+
+
 def load_pipeline_folder(
     path: str | os.PathLike,
     parts: tuple[str, ...],
@@ -81,9 +93,12 @@ def load_pipeline_folder(
     offload: bool,
     prefix: str = "",
     plan: ShardingPlan | None = None,
+    optional: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Load `parts` (component folder names, with `prefix` as in a combined folder) from a pipeline folder, plus
     its `config` (model_index.json) and `scheduler` (the sampler of `<prefix>scheduler/`, default DDPM-Würstchen).
+    `optional` parts are loaded when their folder exists, else None (`feature_extractor`: the dict of its
+    preprocessor_config.json).
     """
     root = resolve(path)
     missing = [prefix + p for p in parts if not (root / (prefix + p)).is_dir()]
@@ -98,9 +113,13 @@ def load_pipeline_folder(
         sampler_from_config(json.loads(sched_file.read_text())) if sched_file.is_file() else DDPMWuerstchen()
     )
     plan = plan or ShardingPlan()
-    for part in parts:
+    present = [p for p in optional if (root / (prefix + p)).is_dir()]
+    out.update(dict.fromkeys(optional))
+    for part in (*parts, *present):
         folder = root / (prefix + part)
-        if part == "tokenizer":
+        if part == "feature_extractor":
+            out[part] = read_preprocessor_config(folder)
+        elif part == "tokenizer":
             out[part] = load_tokenizer(folder)
         else:
             out[part] = Component(*load_with_plan(folder, plan, dtype), offload=offload)

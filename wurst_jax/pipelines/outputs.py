@@ -27,3 +27,16 @@ def to_pil(images: np.ndarray) -> list:
     from PIL import Image
 
     return [Image.fromarray(img) for img in (np.asarray(images) * 255).round().astype(np.uint8)]
+
+
+@dataclasses.dataclass
+class StableCascadePriorPipelineOutput:
+    """Stable Cascade prior: `image_embeddings` (stage C latents [N, h, w, 16], NHWC) and the text conditioning
+    it ran with, one row per image: `prompt_embeds` [N, 77, D], `prompt_embeds_pooled` [N, 1, P], and the
+    negative ones (None without classifier-free guidance)."""
+
+    image_embeddings: Any
+    prompt_embeds: Any = None
+    prompt_embeds_pooled: Any = None
+    negative_prompt_embeds: Any = None
+    negative_prompt_embeds_pooled: Any = None

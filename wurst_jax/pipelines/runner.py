@@ -108,6 +108,21 @@ class StageRunner:
             )
 
 
+def decode_images(variables: Any, latents: jax.Array, *, module: Any) -> jax.Array:
+    """Stage A (both generations' Paella VQGAN): decoder latents [B, H, W, 4] → images [B, 4H, 4W, 3] in [0, 1]
+    (f32)."""
+    scaled = latents * module.config.scale_factor
+    images = module.apply(variables, scaled, method="decode")
+    return jnp.clip(images.astype(jnp.float32), 0.0, 1.0)
+
+
+def setup_plan(
+    mesh: Any, sharding: str | None, progress: bool, compiler: CompileCache | None
+) -> tuple[ShardingPlan, CompileCache]:
+    """A pipeline's sharding plan ("dp" unless told) and compile cache (its own unless one is shared)."""
+    return ShardingPlan(mesh, sharding or "dp"), compiler or CompileCache(progress)
+
+
 def given(name: str, value: Any, shape: tuple[int, ...]) -> np.ndarray:
     """A caller-given array checked against the shape the stage needs."""
     arr = ShardingPlan.host(value).astype(np.float32)

@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from wurst_jax.pipelines import args, random
 from wurst_jax.pipelines.components import Component, load_pipeline_folder
 from wurst_jax.pipelines.outputs import ImagePipelineOutput, WuerstchenPriorPipelineOutput, to_pil
-from wurst_jax.pipelines.runner import StageRunner
+from wurst_jax.pipelines.runner import StageRunner, decode_images, setup_plan
 from wurst_jax.pipelines.runtime import CompileCache
 from wurst_jax.pipelines.text import TextEncoder
 from wurst_jax.samplers import DDPMWuerstchen, Sampler
@@ -38,17 +38,6 @@ def prior_model(module, variables, x, r, cond):
 def decoder_model(module, variables, x, r, cond):
     """Stage B: x [B, H, W, 4], r [B], cond {"effnet": [B, h, w, 16], "clip": [B, 77, 1024]}."""
     return module.apply(variables, x, r, cond["effnet"], cond["clip"])
-
-
-def decode_images(variables: Any, latents: jax.Array, *, module: Any) -> jax.Array:
-    """Stage A: decoder latents [B, H, W, 4] → images [B, 4H, 4W, 3] in [0, 1] (f32)."""
-    scaled = latents * module.config.scale_factor
-    images = module.apply(variables, scaled, method="decode")
-    return jnp.clip(images.astype(jnp.float32), 0.0, 1.0)
-
-
-def _setup(mesh: Mesh | None, sharding: str | None, progress: bool, compiler: CompileCache | None):
-    return ShardingPlan(mesh, sharding or "dp"), compiler or CompileCache(progress)
 
 
 class WuerstchenPriorPipeline:
@@ -68,7 +57,7 @@ class WuerstchenPriorPipeline:
         sharding: str | None = None,
         compiler: CompileCache | None = None,
     ):
-        self.plan, self.compiler = _setup(mesh, sharding, progress, compiler)
+        self.plan, self.compiler = setup_plan(mesh, sharding, progress, compiler)
         self.text = TextEncoder(tokenizer, text_encoder, self.plan, self.compiler)
         self.prior, self.scheduler, self.progress = prior, scheduler, progress
         self.runner = StageRunner(
@@ -136,12 +125,7 @@ class WuerstchenPriorPipeline:
             if uncond.shape != (b, *cond.shape[1:]):
                 raise ValueError(f"`negative_prompt_embeds` shape {uncond.shape} must equal `prompt_embeds` shape")
         else:
-            negatives = [""] * b if negative_prompt is None else args.as_list("negative_prompt", negative_prompt)
-            if len(negatives) == 1 and b > 1 and isinstance(negative_prompt, str):
-                negatives = negatives * b
-            if len(negatives) != b:
-                raise ValueError(f"`negative_prompt` has {len(negatives)} entries but `prompt` has {b}")
-            uncond = self.text(negatives)
+            uncond = self.text(args.negatives(negative_prompt, b))
         return cond, np.repeat(uncond, num_images_per_prompt, axis=0)
 
     def __call__(
@@ -218,7 +202,7 @@ class WuerstchenDecoderPipeline:
         sharding: str | None = None,
         compiler: CompileCache | None = None,
     ):
-        self.plan, self.compiler = _setup(mesh, sharding, progress, compiler)
+        self.plan, self.compiler = setup_plan(mesh, sharding, progress, compiler)
         self.text = TextEncoder(tokenizer, text_encoder, self.plan, self.compiler)
         self.decoder, self.vqgan, self.scheduler = decoder, vqgan, scheduler
         self.latent_dim_scale, self.progress = latent_dim_scale, progress
