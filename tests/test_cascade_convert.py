@@ -345,7 +345,7 @@ def test_bad_inputs_give_one_line_errors(made, tmp_path, capsys):
     with pytest.raises(WeightsError) as e:
         wj.convert_checkpoint(tmp_path / "broken.safetensors", tmp_path / "x", stage="stage_c", config=config)
     msg = str(e.value)  # every problem in one error: the missing mapper, the three parts of the short in_proj
-    assert "missing (1):\n    clip_img_mapper/kernel" in msg and msg.count("down_blocks.1.2.attention.to_") == 3, msg
+    assert "missing (1):\n    params/clip_img_mapper/kernel" in msg and msg.count("down_blocks.1.2.attention.to_") == 3, msg
     del broken["down_blocks.1.2.attention.attn.in_proj_weight"]
     nan = dict(c["original"], **{"clf.1.weight": broken["clf.1.weight"]})
     safetensors.numpy.save_file(nan, str(tmp_path / "nan.safetensors"))
