@@ -239,6 +239,7 @@ def test_original_file_converts_to_the_diffusers_weights_and_outputs(made, role,
     kw = inputs(role, m["cfg"])
     ours = np.asarray(module.apply(converted, **{k: jnp.asarray(v) for k, v in kw.items()}))
     err = rel_err(ours, torch_out(m["ref"], kw))
+    print(f"{role}: original file → converted, relative error vs diffusers {err:.2e}")
     assert err < TOL, err
 
 
