@@ -28,8 +28,10 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument(
         "--stage",
         choices=registry.single_file_stages(),
-        help="component of a single .pt / .safetensors file (effnet: the semantic encoder)",
+        help="component of a single .pt / .safetensors file (effnet / effnet_encoder: the semantic encoder; "
+        "stage_c / stage_b: Stable Cascade's, full or lite read off the tensors)",
     )
+    p.add_argument("--variant", help="read a folder's variant weight files, e.g. bf16 (diffusion_pytorch_model.bf16…)")
     p.add_argument("--config", help="config.json path or JSON for a single file (default: the released model's)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
@@ -66,6 +68,7 @@ def run_convert(args: argparse.Namespace) -> int:
             stage=args.stage,
             config=args.config,
             progress=not args.quiet,
+            variant=args.variant,
         ),
     )
 

@@ -54,8 +54,10 @@ class ComponentSpec:
     root: str = ""  # a top-level module name some writers omit (transformers ≥ 5 saves CLIP without it)
     heads: Callable[[Any], Sequence[int]] = lambda config: ()  # attention head counts tensor parallelism splits
     markers: tuple[str, ...] = ()  # regexes of tensor names only this kind's checkpoints have
-    stage: str | None = None  # the name `convert --stage` takes for a single original file (None: no such file)
+    stages: tuple[str, ...] = ()  # the names `convert --stage` takes for its original single files (none: no such file)
+    stage_of: Callable[[Shapes], str] | None = None  # which of `stages` a file's tensors are (None: any of them)
     infer_config: Callable[[Shapes], Any] | None = None  # a single file's config from its tensors (None: default)
+    renames: tuple[tuple[str, str], ...] = ()  # (regex, replacement): this kind's original tensor names → diffusers'
 
     @property
     def weights_stem(self) -> str:
@@ -121,7 +123,7 @@ def class_names() -> tuple[str, ...]:
 
 def single_file_stages() -> tuple[str, ...]:
     """The `--stage` names of the kinds that have original single-file checkpoints, in registry order."""
-    return tuple(dict.fromkeys(s.stage for s in _REGISTRY.values() if s.stage))
+    return tuple(dict.fromkeys(stage for s in _REGISTRY.values() for stage in s.stages))
 
 
 def detect(keys: Sequence[str]) -> tuple[ComponentSpec, str] | None:
@@ -157,6 +159,32 @@ def _cascade_heads(c: cascade.StableCascadeUNetConfig) -> tuple[int, ...]:
     return tuple(h for h, t in zip(c.num_attention_heads, c.block_types_per_layer, strict=True) if ATTN in t and h > 0)
 
 
+def _cascade_stage(shapes: Shapes) -> str:
+    """Stage B has the effnet / pixels mappers; stage C has the text and image mappers."""
+    return "stage_b" if any(k.startswith(("effnet_mapper.", "pixels_mapper.")) for k in shapes) else "stage_c"
+
+
+_CASCADE_PRESETS = ("stage_c", "stage_c_lite", "stage_b", "stage_b_lite")
+
+
+def _cascade_config(shapes: Shapes) -> cascade.StableCascadeUNetConfig:
+    """The released preset whose level widths (each level's first depthwise conv) the file has: full or lite."""
+    stage = _cascade_stage(shapes)
+    widths = tuple(
+        shapes[f"down_blocks.{i}.0.depthwise.weight"][0]
+        for i in range(8)
+        if f"down_blocks.{i}.0.depthwise.weight" in shapes
+    )
+    presets = [getattr(cascade.StableCascadeUNetConfig, p)() for p in _CASCADE_PRESETS if p.startswith(stage)]
+    for config in presets:
+        if config.block_out_channels == widths:
+            return config
+    known = ", ".join(f"{c.block_out_channels}" for c in presets)
+    raise ValueError(
+        f"a {stage} checkpoint with level widths {widths}, which no released model has ({known}); pass --config"
+    )
+
+
 def _heads(*counts: Any) -> tuple[int, ...]:
     flat = [c for x in counts for c in (x if isinstance(x, tuple) else (x,))]
     return tuple(c for c in flat if c and c > 0)
@@ -172,7 +200,7 @@ register(
         folder="prior",
         heads=lambda c: _heads(c.nhead),
         markers=(r"^cond_mapper\.",),
-        stage="prior",
+        stages=("prior",),
     )
 )
 register(
@@ -190,7 +218,7 @@ register(
         folder="decoder",
         heads=lambda c: _heads(c.nhead),
         markers=(r"^(effnet_mappers|clip_mapper)\.",),
-        stage="decoder",
+        stages=("decoder",),
     )
 )
 register(
@@ -202,7 +230,7 @@ register(
         example_inputs=lambda c: (_s(1, *(2 * c.up_down_scale_factor * 2 ** (c.levels - 1),) * 2, c.in_channels),),
         folder="vqgan",
         markers=(r"^vquantizer\.",),
-        stage="vqgan",
+        stages=("vqgan", "stage_a"),  # Würstchen v2's and Stable Cascade's stage A: one architecture
     )
 )
 register(
@@ -245,7 +273,7 @@ register(
         example_inputs=lambda c: (_s(1, 32, 32, 3),),
         folder="effnet",
         markers=(r"^backbone\.\d+\.",),
-        stage="effnet",
+        stages=("effnet", "effnet_encoder"),  # v2's semantic encoder; SC's effnet_encoder.safetensors
         infer_config=_effnet_config,
     )
 )
@@ -273,7 +301,13 @@ register(
         example_inputs=cascade.example_inputs,
         folder="prior",
         heads=_cascade_heads,
-        markers=(r"^clip_txt_pooled_mapper\.",),
+        # the pooled-text mapper (the original stage B calls it clip_mapper, as v2's decoder does) and the per-level
+        # down/up scalers, which neither Würstchen v2 model has: two markers outvote the v2 decoder's one
+        markers=(r"^(clip_txt_pooled_mapper|effnet_mapper|pixels_mapper)\.", r"^(down_downscalers|up_upscalers)\."),
+        stages=("stage_c", "stage_b"),  # stage_{c,b}{,_lite}{,_bf16}.safetensors of Stability-AI/StableCascade
+        stage_of=_cascade_stage,
+        infer_config=_cascade_config,
+        renames=((r"^clip_mapper\.", "clip_txt_pooled_mapper."),),  # the original StageB's name
     )
 )
 register(

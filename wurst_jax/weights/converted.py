@@ -5,8 +5,12 @@ SRC is a diffusers pipeline folder (`warp-ai/wuerstchen`, `warp-ai/wuerstchen-pr
 `prior_*` parts), one component folder (config.json + safetensors), an original Würstchen `.pt` checkpoint (read
 with `torch.load(weights_only=True)`: a pickle holding anything but tensors is refused) or a single original-layout
 `.safetensors` file; the last two have no config.json, so `stage` names the component and the official v2 config
-is used unless `config` is given. For `stage="effnet"` (the EfficientNet semantic encoder) the variant and the
-mapper's BatchNorm are read off the tensor names: Würstchen v2's `model_v2_stage_b.pt` keeps it under
+is used unless `config` is given. Stable Cascade's original files (Stability-AI/StableCascade) convert the same way:
+`stage="stage_c"` / `"stage_b"` (full or lite, f32 or bf16, read off the tensor shapes), `"stage_a"`,
+`"effnet_encoder"`. `variant="bf16"` reads diffusers' variant weight files of folders
+(`diffusion_pytorch_model.bf16.safetensors`, `model.bf16.safetensors`, sharded `*.safetensors.index.bf16.json`).
+For `stage="effnet"` (the EfficientNet semantic encoder) the variant and the mapper's BatchNorm are read off the
+tensor names: Würstchen v2's `model_v2_stage_b.pt` keeps it under
 `effnet_state_dict`, Stable Cascade's `effnet_encoder.safetensors` holds it alone.
 
 DST mirrors SRC: each component folder becomes `config.json` + `orbax/` (the variables, saved with orbax),
@@ -67,6 +71,7 @@ def convert_checkpoint(
     stage: str | None = None,
     config: Any = None,
     progress: bool = False,
+    variant: str | None = None,
 ) -> Path:
     """Convert `src` (see the module docstring) into the converted folder `dst`; returns `dst`.
 
@@ -74,15 +79,16 @@ def convert_checkpoint(
     `components`: the component folders of a pipeline to convert (e.g. ["prior", "text_encoder"]); the others
     are copied unchanged, so DST still loads as a whole pipeline. `overwrite`: replace an existing DST (only once
     the new one is complete). `nonfinite`: "error" refuses NaN / Inf weights, "warn" converts them with a
-    warning. `stage` ("prior", "decoder", "vqgan", "effnet") and `config` (a dict, a config.json path or a JSON string)
-    are for single-file sources.
+    warning. `stage` (see `registry.single_file_stages()`: "prior", "decoder", "vqgan", "effnet", "stage_c",
+    "stage_b", ...) and `config` (a dict, a config.json path or a JSON string) are for single-file sources;
+    `variant` ("bf16") for folders.
     """
     src, dst = Path(src), Path(dst)
     name = dtype_name(dtype)
     if nonfinite not in ("error", "warn"):
         raise ValueError(f"nonfinite must be 'error' or 'warn', got {nonfinite!r}")
     check_destination(src, dst, overwrite)
-    source_format, jobs, copies = _plan(src, components, stage, config)
+    source_format, jobs, copies = _plan(src, components, stage, config, variant)
     say = _say if progress else lambda _: None
     with staged_folder(dst, overwrite) as tmp:
         report = {}
@@ -105,7 +111,9 @@ def convert_checkpoint(
 Job = tuple[str, Source]  # (the folder under DST, "" when DST is the component folder itself; the opened source)
 
 
-def _plan(src: Path, components: Sequence[str] | None, stage: str | None, config: Any) -> tuple[str, list[Job], list]:
+def _plan(
+    src: Path, components: Sequence[str] | None, stage: str | None, config: Any, variant: str | None = None
+) -> tuple[str, list[Job], list]:
     """(source format, jobs, paths to copy); every config and safetensors header is read and checked here."""
     if components is not None:
         components = [c.strip() for c in ([components] if isinstance(components, str) else components) if c.strip()]
@@ -113,22 +121,24 @@ def _plan(src: Path, components: Sequence[str] | None, stage: str | None, config
         if stage is not None or config is not None:
             raise ValueError(f"{src}: --stage / --config are for single checkpoint files; a folder has config.json")
         if (src / "config.json").is_file():
-            source = open_folder(src)
+            source = open_folder(src, variant)
             if components and set(components) != {source.spec.kind}:
                 raise WeightsError(
                     f"{src}: a single {source.spec.kind} component folder; --components {components} do not fit"
                 )
             return "diffusers-component", [("", source)], []
-        return ("diffusers-pipeline", *_pipeline_plan(src, components))
+        return ("diffusers-pipeline", *_pipeline_plan(src, components, variant))
     if not src.exists():
         raise WeightsError(f"{src}: no such file or folder")
     if components:
         raise ValueError(f"{src}: --components is for pipeline folders, not a single checkpoint file")
+    if variant is not None:
+        raise ValueError(f"{src}: --variant is for folders (diffusers' variant weight files), not a single file")
     source = open_file(src, stage, config)
     return source.format, [("", source)], []
 
 
-def _pipeline_plan(src: Path, components: Sequence[str] | None) -> tuple[list[Job], list]:
+def _pipeline_plan(src: Path, components: Sequence[str] | None, variant: str | None = None) -> tuple[list[Job], list]:
     entries = sorted(p for p in src.iterdir() if not p.name.startswith("."))
     found = [p.name for p in entries if p.is_dir() and (p / "config.json").is_file()]
     if not found:
@@ -140,7 +150,7 @@ def _pipeline_plan(src: Path, components: Sequence[str] | None) -> tuple[list[Jo
     unknown = [c for c in selected if c not in found]
     if unknown or not selected:
         raise WeightsError(f"{src}: no component folder(s) {unknown or selected}; this pipeline has {found}")
-    jobs = [(name, open_folder(src / name)) for name in selected]
+    jobs = [(name, open_folder(src / name, variant)) for name in selected]
     copies = [p for p in entries if p.name not in selected]
     return jobs, copies
 

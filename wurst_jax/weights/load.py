@@ -42,6 +42,7 @@ def load_component(
     param_dtype: Any = None,
     mesh: Mesh | None = None,
     sharding: str | None = None,
+    variant: str | None = None,
 ) -> tuple[nn.Module, dict]:
     """Load a component folder (prior/, decoder/, vqgan/, text_encoder/, an effnet) as `(module, variables)`.
 
@@ -49,25 +50,30 @@ def load_component(
     one at a time; every key and shape is checked before the first is read. A converted folder (`orbax/` next to
     `config.json`) is restored from orbax, cast to `param_dtype` if it was saved in another dtype. With a `mesh`,
     every parameter is placed straight into its sharding for `sharding` ("dp" by default, "fsdp" or "tp"; see
-    `wurst_jax.sharding`); without one, on the default device.
+    `wurst_jax.sharding`); without one, on the default device. `variant` ("bf16") reads diffusers' variant weight
+    files (`diffusion_pytorch_model.bf16.safetensors`, or the shards of `….safetensors.index.bf16.json`).
     """
     _check_dtype(dtype)
     if sharding is not None and mesh is None:
         raise ValueError(f"sharding={sharding!r} needs a mesh (wurst_jax.make_mesh(...))")
-    return load_with_plan(path, ShardingPlan(mesh, sharding or "dp"), dtype, param_dtype)
+    return load_with_plan(path, ShardingPlan(mesh, sharding or "dp"), dtype, param_dtype, variant)
 
 
-def load_with_plan(path: str | Path, plan: ShardingPlan, dtype: Any, param_dtype: Any = None) -> tuple[nn.Module, dict]:
+def load_with_plan(
+    path: str | Path, plan: ShardingPlan, dtype: Any, param_dtype: Any = None, variant: str | None = None
+) -> tuple[nn.Module, dict]:
     """`load_component` with the placement of a `ShardingPlan` (what the pipelines hold)."""
     folder = Path(path)
     if not folder.is_dir():
         raise WeightsError(f"{folder}: not a directory")
     if is_orbax_component(folder):
+        if variant is not None:
+            raise WeightsError(f"{folder}: a converted (orbax) folder has no weight variants; drop variant={variant!r}")
         kind, config = read_config(folder)
         module = build_module(kind, config, dtype, param_dtype)
         target, shardings = _target(module, str(folder / "config.json"), plan)
         return module, restore_variables(folder / ORBAX_DIR, target, shardings)
-    return module_from_source(open_folder(folder), plan, dtype, param_dtype)
+    return module_from_source(open_folder(folder, variant), plan, dtype, param_dtype)
 
 
 def module_from_source(source: Source, plan: ShardingPlan, dtype: Any, param_dtype: Any = None, place=None):
@@ -77,7 +83,9 @@ def module_from_source(source: Source, plan: ShardingPlan, dtype: Any, param_dty
     if place is None and shardings is not None:
         place = plan.place_fn(shardings)
     spec = source.spec
-    return module, to_variables(source.tensors, target, source.label, spec.ignore, spec.root, place=place)
+    return module, to_variables(
+        source.tensors, target, source.label, spec.ignore, spec.root, place=place, renames=spec.renames
+    )
 
 
 def _target(module: nn.Module, config_name: str, plan: ShardingPlan) -> tuple[Any, Any]:
@@ -96,4 +104,5 @@ def convert_state_dict(state_dict: Mapping[str, Any], module: nn.Module, name: s
     Values may be torch tensors (f32 / f16 / bf16) or numpy arrays; the result is the module's variables tree.
     """
     spec = registry.for_module(module)
-    return to_variables(state_dict_source(state_dict), abstract_variables(module), name, spec.ignore, spec.root)
+    variables = abstract_variables(module)
+    return to_variables(state_dict_source(state_dict), variables, name, spec.ignore, spec.root, renames=spec.renames)

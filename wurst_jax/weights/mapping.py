@@ -48,10 +48,14 @@ def unwrapped(key: str) -> str:
     return key
 
 
-def canonical_source(source: Mapping[str, TensorRef], root: str = "") -> dict[str, TensorRef]:
+def canonical_source(
+    source: Mapping[str, TensorRef], root: str = "", renames: tuple[tuple[str, str], ...] = ()
+) -> dict[str, TensorRef]:
     """Rewrite original-repo / wrapped names to diffusers names, splitting fused in_proj into q, k, v.
 
     `root` is a top-level module name that some writers omit (transformers ≥ 5 saves CLIP without `text_model.`).
+    `renames` are one component kind's own (regex, replacement) pairs, applied after the shared ones (the original
+    Stable Cascade stage B's `clip_mapper` is diffusers' `clip_txt_pooled_mapper`, but v2's `clip_mapper` stays).
     """
     out: dict[str, TensorRef] = {}
     for original, ref in source.items():
@@ -60,6 +64,8 @@ def canonical_source(source: Mapping[str, TensorRef], root: str = "") -> dict[st
             key = root + key
         for pattern, repl in _ORIGINAL_RENAMES:
             key = pattern.sub(repl, key)
+        for pattern, repl in renames:
+            key = re.sub(pattern, repl, key)
         m = _IN_PROJ.search(key)
         if m and ref.shape and ref.shape[0] % 3 == 0:
             n = ref.shape[0] // 3
@@ -84,18 +90,19 @@ def to_variables(
     ignore: tuple[str, ...] = (),
     root: str = "",
     place: Callable[[Path, np.ndarray, Any], jax.Array] | None = None,
+    renames: tuple[tuple[str, str], ...] = (),
 ) -> dict:
     """Convert `source` into a variables tree shaped like `target` (a `jax.eval_shape` tree of the module).
 
     `name` (the file or folder) goes into every error message. `ignore` holds regexes of source keys that are
-    dropped silently (buffers such as CLIP's `position_ids`); for `root` see `canonical_source`.
+    dropped silently (buffers such as CLIP's `position_ids`); for `root` and `renames` see `canonical_source`.
     `place(path, array, target_leaf)` puts each converted leaf on device(s) — by default `jnp.asarray` in the
     target dtype — so no full host copy of the tree is ever built.
     """
     flat_target = traverse_util.flatten_dict(target)
     plan: dict[Path, tuple[str, TensorRef]] = {}
     unexpected, misshaped, misshaped_paths = [], [], set()
-    for key, ref in canonical_source(source, root).items():
+    for key, ref in canonical_source(source, root, renames).items():
         if any(re.search(p, key) for p in ignore) or key.rsplit(".", 1)[-1] in _SKIP_LEAVES:
             continue
         path = next((p for p in layout.flax_candidates(key) if p in flat_target), None)

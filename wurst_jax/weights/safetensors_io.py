@@ -203,10 +203,14 @@ def _library_check(path: Path) -> None:
         ) from None
 
 
-def weight_files(folder: Path, stem: str) -> list[Path]:
-    """A component's safetensors files: `stem.safetensors`, or the shards named by `stem.safetensors.index.json`."""
-    single = folder / f"{stem}.safetensors"
-    index = folder / f"{stem}.safetensors.index.json"
+def weight_files(folder: Path, stem: str, variant: str | None = None) -> list[Path]:
+    """A component's safetensors files: `stem.safetensors`, or the shards named by `stem.safetensors.index.json`;
+    with a `variant` ("bf16"), diffusers' variant names `stem.bf16.safetensors` / `stem.safetensors.index.bf16.json`."""
+    if variant is not None and (not variant or not variant.replace("_", "").isalnum()):
+        raise ValueError(f"variant must be a word such as 'bf16' or 'fp16', got {variant!r}")
+    tag = f".{variant}" if variant else ""
+    single = folder / f"{stem}{tag}.safetensors"
+    index = folder / f"{stem}.safetensors.index{tag}.json"
     if single.is_file():
         return [single]
     if index.is_file():
@@ -214,7 +218,9 @@ def weight_files(folder: Path, stem: str) -> list[Path]:
     for path in (single, index):
         if path.is_symlink():  # is_file() is False for a dangling link and a symlink loop alike
             require_file(path)
-    raise WeightsError(f"{folder}: no weights found (expected {single.name} or {index.name})")
+    others = sorted(p.name for p in folder.glob(f"{stem}*.safetensors*") if p.name not in (single.name, index.name))
+    hint = f"; it has {', '.join(others[:4])} (another --variant?)" if others else ""
+    raise WeightsError(f"{folder}: no weights found (expected {single.name} or {index.name}){hint}")
 
 
 def _shards(folder: Path, index: Path) -> list[Path]:

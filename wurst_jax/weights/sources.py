@@ -83,11 +83,12 @@ def config_from_dict(cls: type, raw: Mapping[str, Any], name: str) -> Any:
         raise WeightsError(f"{name}: invalid {cls.__name__}: {e}") from None
 
 
-def open_folder(folder: str | Path) -> Source:
-    """A component folder (config.json + safetensors, single or sharded)."""
+def open_folder(folder: str | Path, variant: str | None = None) -> Source:
+    """A component folder (config.json + safetensors, single or sharded); `variant` ("bf16") picks diffusers'
+    variant files (`<stem>.bf16.safetensors`, `<stem>.safetensors.index.bf16.json`)."""
     folder = Path(folder)
     spec, config = _read_config(folder)
-    files = weight_files(folder, spec.weights_stem)
+    files = weight_files(folder, spec.weights_stem, variant)
     tensors, file_of = {}, {}
     for key, f in iter_tensors(files):
         tensors[key] = TensorRef(f.shape(key), (lambda f=f, k=key: f.get(k)))
@@ -126,23 +127,31 @@ def open_file(path: str | Path, stage: str | None, config: Any = None) -> Source
     if stage is None:
         hint = f"its tensors look like a {detected[0].kind} checkpoint" if detected else f"one of {stages}"
         raise WeightsError(f"{path}: a single checkpoint file has no config.json: pass --stage ({hint})")
-    spec = _spec_for_stage(stage, detected, path)
-    cfg = spec.single_file_config(shapes) if config is None else _given_config(spec, config)
+    spec = _spec_for_stage(stage, detected, shapes, path)
+    if config is not None:
+        cfg = _given_config(spec, config, stage)
+    else:
+        try:
+            cfg = spec.single_file_config(shapes)
+        except (KeyError, ValueError) as e:
+            raise WeightsError(f"{path}: --stage {stage}: {e}") from None
     return Source(spec, cfg, tensors, dict.fromkeys(tensors, path), [path], str(path), None, entry, source_format)
 
 
-def _spec_for_stage(stage: str, detected: tuple | None, path: Path) -> registry.ComponentSpec:
-    """The kind `--stage` names, refused when the tensors clearly belong to another."""
-    candidates = [s for s in registry.specs() if s.stage == stage]
+def _spec_for_stage(stage: str, detected: tuple | None, shapes: dict, path: Path) -> registry.ComponentSpec:
+    """The kind `--stage` names, refused when the tensors clearly belong to another kind or another of its stages."""
+    candidates = [s for s in registry.specs() if stage in s.stages]
     if detected is not None:
         spec, example = detected
-        if spec.stage != stage:
+        if stage not in spec.stages:
             raise WeightsError(f"{path}: --stage {stage}, but its tensors are a {spec.kind} checkpoint's ({example!r})")
+        if spec.stage_of is not None and (actual := spec.stage_of(shapes)) != stage:
+            raise WeightsError(f"{path}: --stage {stage}, but its tensors are a {actual} checkpoint's")
         return spec
     return candidates[0]
 
 
-def _given_config(spec: registry.ComponentSpec, config: Any) -> Any:
+def _given_config(spec: registry.ComponentSpec, config: Any, stage: str) -> Any:
     name = "--config"
     if isinstance(config, Mapping):
         raw = dict(config)
@@ -155,8 +164,8 @@ def _given_config(spec: registry.ComponentSpec, config: Any) -> Any:
             text, name = path.read_bytes(), str(path)
         raw = _json_object(text, name)
     other = registry.for_class_names([raw.get("_class_name")])
-    if other is not None and other.stage != spec.stage:
-        raise WeightsError(f"{name}: a {raw['_class_name']} config, but --stage is {spec.stage}")
+    if other is not None and stage not in other.stages:
+        raise WeightsError(f"{name}: a {raw['_class_name']} config, but --stage is {stage}")
     if other is not None:
         spec = other
     return config_from_dict(spec.config, raw, name)
