@@ -319,7 +319,7 @@ register(
         example_inputs=controlnet.example_inputs,
         folder="controlnet",
         markers=(r"^backbone\.\d+\.", r"^projections\.\d+\.\d+\.weight$"),  # effnet's marker and more
-        stage="controlnet",
+        stages=("controlnet",),
         infer_config=controlnet.infer_config,
     )
 )
