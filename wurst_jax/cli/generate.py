@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from wurst_jax.cli.validate import check_generate, tiny_warnings
 from wurst_jax.dtypes import DTYPES
 from wurst_jax.samplers import DEFAULT_STAGE_C_TIMESTEPS
 from wurst_jax.serving.batch import add_batch_arguments, run_batch
@@ -77,51 +78,50 @@ def model_defaults(model: Path) -> tuple[int, float]:
 
 
 def generate(args: argparse.Namespace) -> int:
+    if args.prompts or args.out_dir:  # many prompts from a file: wurst_jax/serving/batch.py
+        return run_batch(args)
+    plan = check_generate(args)  # every flag, before any weights load or anything compiles
+
     import jax
     import jax.numpy as jnp
 
     import wurst_jax as wj
 
-    if args.prompts or args.out_dir:  # many prompts from a file: wurst_jax/serving/batch.py
-        return run_batch(args)
-    if args.prompt is None:
-        raise ValueError("give a PROMPT, or --prompts FILE --out-dir DIR")
     if args.distributed or args.coordinator:
         wj.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     if args.cache_dir:
         wj.enable_compilation_cache(args.cache_dir)
     mesh = wj.make_mesh(data=-1, model=args.model_axis) if args.sharding or args.model_axis > 1 else None
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise SystemExit(f"--out must name a .png file, got {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if args.model is None:
-        if args.prior is not None:
-            raise ValueError("--prior needs --model")
-        args.model, args.prior = str(TINY_MODEL / "wuerstchen"), str(TINY_MODEL / "wuerstchen-prior")
-    size, decoder_guidance = model_defaults(Path(args.model))
+    out = plan.out
+    out.parent.mkdir(exist_ok=True)  # check_generate allows one missing level, never a tree
+    tiny_warnings(plan, args.prompt)
     pipe = wj.WuerstchenPipeline.from_pretrained(
-        decoder=args.model,
-        prior=args.prior,
+        decoder=plan.model,
+        prior=plan.prior,
         dtype=getattr(jnp, args.dtype),
         offload=args.offload,
         progress=not args.quiet,
         mesh=mesh,
         sharding=args.sharding,
     )
-    images = pipe(
-        args.prompt,
-        height=args.height or size,
-        width=args.width or size,
-        prior_num_inference_steps=args.prior_steps or 60,
-        prior_timesteps=None if args.prior_steps else DEFAULT_STAGE_C_TIMESTEPS,
-        prior_guidance_scale=args.prior_guidance,
-        num_inference_steps=args.steps,
-        decoder_guidance_scale=decoder_guidance if args.decoder_guidance is None else args.decoder_guidance,
-        negative_prompt=args.negative_prompt,
-        num_images_per_prompt=args.num_images,
-        seed=args.seed,
-    ).images
+    images, done = [], 0
+    for n in plan.batches:  # several batches: image i gets seed + i, whatever the batch size
+        images += pipe(
+            args.prompt,
+            height=plan.height,
+            width=plan.width,
+            prior_num_inference_steps=args.prior_steps or 60,
+            prior_timesteps=None if args.prior_steps else DEFAULT_STAGE_C_TIMESTEPS,
+            prior_guidance_scale=args.prior_guidance,
+            num_inference_steps=args.steps,
+            decoder_guidance_scale=plan.spec.default_decoder_guidance
+            if args.decoder_guidance is None
+            else args.decoder_guidance,
+            negative_prompt=args.negative_prompt,
+            num_images_per_prompt=n,
+            seed=args.seed if len(plan.batches) == 1 else [args.seed + done + i for i in range(n)],
+        ).images
+        done += n
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
     if jax.process_index() != 0:  # every process holds all images; one writes them
         return 0
