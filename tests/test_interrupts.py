@@ -81,3 +81,32 @@ def test_a_killed_runs_partial_folder_is_removed_by_the_next_run(tmp_path):
     assert proc.returncode == 0, err
     assert f"removed {left[0]}, left by an interrupted run" in err
     assert not _partials(dst) and dst.is_dir()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_resume_skips_a_corrupt_latest_checkpoint(tmp_path, capsys, damage):
+    """The newest checkpoint's array files truncated or deleted: one line names it, the previous step restores."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from wurst_jax.train.state import Checkpoints, TrainState
+
+    def state(k: int) -> TrainState:
+        p = {"w": jnp.full((64, 64), float(k))}
+        return TrainState(jnp.asarray(k), p, {"m": p["w"] * 2}, p, {}, jnp.zeros((2,), jnp.uint32))
+
+    ckpts = Checkpoints(tmp_path / "ckpt")
+    ckpts.save(state(1))
+    ckpts.save(state(2))
+    files = [p for p in (tmp_path / "ckpt" / "2").rglob("*") if p.is_file() and "_METADATA" not in p.name]
+    data = [p for p in files if "d" in p.parts or "ocdbt" in str(p)] or files
+    for p in data:
+        if damage == "delete":
+            p.unlink()
+        else:
+            p.write_bytes(p.read_bytes()[: p.stat().st_size // 3])
+    restored = Checkpoints(tmp_path / "ckpt").restore(state(0))
+    assert int(restored.step) == 1
+    np.testing.assert_array_equal(restored.params["w"], np.ones((64, 64)))
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("checkpoint step")]
+    assert len(lines) == 1 and "checkpoint step 2 in" in lines[0] and "skipping it" in lines[0]
