@@ -26,7 +26,7 @@ def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
     """Refuse an existing `dst` (unless `overwrite`) and a `dst` that is `src`, inside it, or contains it."""
     if (dst.exists() or dst.is_symlink()) and not overwrite:
         raise FileExistsError(f"{dst}: already exists; pass --overwrite (overwrite=True) to replace it")
-    s, d = src.resolve(), dst.resolve()
+    s, d = _resolve(src), _resolve(dst)
     if s == d or s.is_relative_to(d) or d.is_relative_to(s):
         raise ValueError(f"{dst}: the output must not be the source {src}, inside it, or contain it")
 
@@ -40,6 +40,13 @@ def _on_signal(signum: int, frame: object) -> None:
     _signals.append(signum)
     if first:  # later signals only add to the record: the first KeyboardInterrupt is already unwinding
         raise KeyboardInterrupt
+
+
+def _resolve(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as e:  # Python 3.11 raises RuntimeError for a symlink loop
+        raise ValueError(f"{path}: a symlink loop or an unreadable path ({' '.join(str(e).split())})") from None
 
 
 @contextlib.contextmanager
