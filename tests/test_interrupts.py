@@ -28,7 +28,7 @@ def _partials(dst: Path) -> list[Path]:
     return list(dst.parent.glob(f".{dst.name}.partial-*"))
 
 
-def _wait_for(cond, timeout: float = 60.0) -> bool:
+def _wait_for(cond, timeout: float = 180.0) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if cond():
