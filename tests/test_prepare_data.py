@@ -2,6 +2,8 @@
 reference's, usable by `wurst-jax train`; bad input names the file and leaves nothing behind."""
 
 import json
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -122,7 +124,33 @@ def bad_input_cases(tmp_path, effnet_dir, tiny_prior):
     gone = image_folder(tmp_path / "gone", with_txt=False)
     (gone / "metadata.jsonl").write_text('{"file_name": "zzz.png", "text": "x"}\n')
     ok = image_folder(tmp_path / "ok")
+    (tmp_path / "outside.png").write_bytes((ok / "a.jpg").read_bytes())
+    escape = image_folder(tmp_path / "escape", with_txt=False)
+    (escape / "metadata.jsonl").write_text('{"file_name": "../outside.png", "text": "x"}\n')
+    absolute = image_folder(tmp_path / "absolute", with_txt=False)
+    (absolute / "metadata.jsonl").write_text(json.dumps({"file_name": str(tmp_path / "outside.png"), "text": "x"}))
+    bad_utf8 = image_folder(tmp_path / "bad_utf8", with_txt=False)
+    (bad_utf8 / "metadata.jsonl").write_bytes(b'{"file_name": "a.jpg", "text": "x"}\n{"file_name": "\xff"}\n')
+    bad_caption = image_folder(tmp_path / "bad_caption")
+    (bad_caption / "d.txt").write_bytes(b"a red\n\xc3\x28 circle")
+    bomb = image_folder(tmp_path / "bomb")
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)  # a 30000² RGB image, with almost no pixels
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+    (bomb / "c.png").write_bytes(png)
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
     return [
+        ("symlink loop", loop, [], "loop: a symlink loop"),
+        ("outside SRC", escape, [], "line 1: file_name '../outside.png' points outside"),
+        ("absolute path", absolute, [], "points outside"),
+        ("metadata utf-8", bad_utf8, [], "metadata.jsonl, line 2: not valid UTF-8"),
+        ("caption utf-8", bad_caption, [], "d.txt, line 2: not valid UTF-8"),
+        ("bomb", bomb, [], "c.png: image too large to read safely"),
+        ("huge resolution", ok, ["--resolution", "100000"], "--resolution 100000: expected an integer from 32 to 8192"),
         ("empty", tmp_path / "nothing_here", [], "not a folder"),
         ("no caption", missing_txt, [], "1 of 5 images have no caption file beside them (a.jpg)"),
         ("not an image", broken, [], "c.png: not a readable image"),
@@ -130,7 +158,7 @@ def bad_input_cases(tmp_path, effnet_dir, tiny_prior):
         ("caption column", no_column, [], "line 1: no caption string under 'text' (has ['caption', 'file_name']"),
         ("missing file", gone, [], "line 1: 'zzz.png' does not exist"),
         ("not an effnet", ok, ["--effnet", str(tiny_prior)], "a prior folder, not the EfficientNet encoder"),
-        ("resolution", ok, ["--resolution", "16"], "resolution must be an integer ≥ 32, got 16"),
+        ("resolution", ok, ["--resolution", "16"], "--resolution 16: expected an integer from 32"),
     ]
 
 

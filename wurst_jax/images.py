@@ -25,5 +25,7 @@ def load_image(path: str | os.PathLike, resolution: int) -> np.ndarray:
             im = im.resize(size, Image.Resampling.BILINEAR)
             left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
             return np.asarray(im.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
+    except Image.DecompressionBombError as e:  # Pillow's guard against huge images: not an exception for users
+        raise ValueError(f"{path}: image too large to read safely ({' '.join(str(e).split())})") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable image ({e})") from None

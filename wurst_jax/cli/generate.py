@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from wurst_jax.cli.validate import check_generate, tiny_warnings
 from wurst_jax.dtypes import DTYPES
 from wurst_jax.samplers import DEFAULT_STAGE_C_TIMESTEPS
 from wurst_jax.serving.batch import add_batch_arguments, run_batch
@@ -103,10 +104,6 @@ def is_stable_cascade(model: Path) -> bool:
 
 
 def generate(args: argparse.Namespace) -> int:
-    import jax.numpy as jnp
-
-    import wurst_jax as wj
-
     cascade = args.model is not None and is_stable_cascade(Path(args.model))
     if args.image and not cascade:
         raise ValueError("--image (image variation) needs a Stable Cascade --model (model_index.json StableCascade*)")
@@ -115,58 +112,54 @@ def generate(args: argparse.Namespace) -> int:
             raise ValueError("batch generation (--prompts) runs Würstchen v2 models only; give one PROMPT")
         args.steps = 12 if args.steps is None else args.steps
         return run_batch(args)
-    if args.prompt is None:
-        raise ValueError("give a PROMPT, or --prompts FILE --out-dir DIR")
+    plan = check_generate(args)  # every flag, before any weights load or anything compiles
+    images_in = [_open_image(f) for f in args.image or ()]
+
+    import jax.numpy as jnp
+
+    import wurst_jax as wj
+
     if args.distributed or args.coordinator:
         wj.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     if args.cache_dir:
         wj.enable_compilation_cache(args.cache_dir)
     mesh = wj.make_mesh(data=-1, model=args.model_axis) if args.sharding or args.model_axis > 1 else None
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise SystemExit(f"--out must name a .png file, got {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if args.model is None:
-        if args.prior is not None:
-            raise ValueError("--prior needs --model")
-        args.model, args.prior = str(TINY_MODEL / "wuerstchen"), str(TINY_MODEL / "wuerstchen-prior")
-    size, decoder_guidance = model_defaults(Path(args.model))
+    out = plan.out
+    out.parent.mkdir(exist_ok=True)  # check_generate allows one missing level, never a tree
+    tiny_warnings(plan, args.prompt)
     opts = dict(dtype=getattr(jnp, args.dtype), offload=args.offload, progress=not args.quiet, mesh=mesh)
     common = dict(
-        height=args.height or size,
-        width=args.width or size,
+        height=plan.height,
+        width=plan.width,
         prior_guidance_scale=args.prior_guidance,
-        decoder_guidance_scale=decoder_guidance if args.decoder_guidance is None else args.decoder_guidance,
+        decoder_guidance_scale=plan.spec.default_decoder_guidance
+        if args.decoder_guidance is None
+        else args.decoder_guidance,
         negative_prompt=args.negative_prompt,
-        num_images_per_prompt=args.num_images,
-        seed=args.seed,
     )
     if cascade:
-        images = [_open_image(f) for f in args.image or ()]
         pipe = wj.StableCascadeCombinedPipeline.from_pretrained(
-            decoder=args.model, prior=args.prior, sharding=args.sharding, **opts
+            decoder=plan.model, prior=plan.prior, sharding=args.sharding, **opts
         )
-        images = pipe(
-            args.prompt,
-            images=images or None,
+        steps = dict(
+            images=images_in or None,
             prior_num_inference_steps=args.prior_steps or 20,
             num_inference_steps=args.steps or 10,
-            **common,
-        ).images
-        return _save(images, out)
-    pipe = wj.WuerstchenPipeline.from_pretrained(
-        decoder=args.model,
-        prior=args.prior,
-        sharding=args.sharding,
-        **opts,
-    )
-    images = pipe(
-        args.prompt,
-        prior_num_inference_steps=args.prior_steps or 60,
-        prior_timesteps=None if args.prior_steps else DEFAULT_STAGE_C_TIMESTEPS,
-        num_inference_steps=args.steps or 12,
-        **common,
-    ).images
+        )
+    else:
+        pipe = wj.WuerstchenPipeline.from_pretrained(
+            decoder=plan.model, prior=plan.prior, sharding=args.sharding, **opts
+        )
+        steps = dict(
+            prior_num_inference_steps=args.prior_steps or 60,
+            prior_timesteps=None if args.prior_steps else DEFAULT_STAGE_C_TIMESTEPS,
+            num_inference_steps=args.steps or 12,
+        )
+    images, done = [], 0
+    for n in plan.batches:  # several batches: image i gets seed + i, whatever the batch size
+        seed = args.seed if len(plan.batches) == 1 else [args.seed + done + i for i in range(n)]
+        images += pipe(args.prompt, num_images_per_prompt=n, seed=seed, **steps, **common).images
+        done += n
     return _save(images, out)
 
 

@@ -15,6 +15,7 @@ import re
 import numpy as np
 
 log = logging.getLogger("wurst_jax")
+_warned: set[str] = set()  # removed text already reported by `tokenize`
 
 _GROUP = re.compile(r"\((?P<text>[^()]*)\)(?P<mark>[0-9]*\.?[0-9]+|\++|-+)?")
 _WORD = re.compile(r"(?P<text>[^\s()]+?)(?P<mark>\++|-+)(?=[\s,.;:!?]|$)")
@@ -62,9 +63,18 @@ def tokenize(tokenizer, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """prompts → (input_ids, attention_mask), both int32 [N, 77], warning when text is cut off."""
     n = tokenizer.model_max_length
     enc = tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="np")
-    full = tokenizer(prompts, padding="longest", return_tensors="np").input_ids
+    # verbose=False: the untruncated ids are only read for the warning below, never fed to the model (transformers
+    # would warn of "indexing errors")
+    full = tokenizer(prompts, padding="longest", return_tensors="np", verbose=False).input_ids
     if full.shape[-1] > n:
         removed = tokenizer.batch_decode(full[:, n - 1 : -1])
+        # each cut-off text once: the prior's and the decoder's tokenizers see the same prompts, repeated per image
+        removed = [r for r in dict.fromkeys(removed) if r and r not in _warned]
+        if not removed:
+            return enc.input_ids.astype(np.int32), enc.attention_mask.astype(np.int32)
+        if len(_warned) > 1024:  # a long-running server: bounded memory
+            _warned.clear()
+        _warned.update(removed)
         log.warning(
             f"The following part of your input was truncated because CLIP can only handle {n} tokens: {removed}"
         )

@@ -114,6 +114,15 @@ class Scene:
         return self.captions()[rng.choice(len(_TEMPLATE_P), p=_TEMPLATE_P)]
 
 
+def caption_words() -> frozenset[str]:
+    """Every word the captions use (templates, colours, shapes and their plurals, positions, counts): the tiny
+    model's whole vocabulary; other words give it nothing to go on."""
+    text = " ".join(_TEMPLATES_ONE + _TEMPLATES_MANY).replace(",", " ")
+    words = {w for w in text.split() if not w.startswith("{")}
+    words |= set(COLOURS) | set(SHAPES) | {s + "s" for s in SHAPES} | set(POSITIONS) | set(COUNT_WORDS.values())
+    return frozenset(words)
+
+
 def all_combinations() -> tuple[tuple[str, str, str], ...]:
     """All 90 (colour, shape, background) triples with background != colour."""
     return tuple((c, s, b) for c, s, b in itertools.product(COLOURS, SHAPES, COLOURS) if c != b)

@@ -49,6 +49,7 @@ from wurst_jax.weights import WeightsError, load_component, read_config
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA = "metadata.jsonl"
 MANIFEST = "wurst_jax_data.json"
+MAX_RESOLUTION = 8192  # crop side; 8× v2's training size, and a guard against allocating tens of GB per image
 RESOLUTION_MULTIPLE = 42.67  # pixels per prior latent (diffusers' `resolution_multiple` for Würstchen v2)
 
 
@@ -74,12 +75,21 @@ def list_samples(src: str | os.PathLike, caption_column: str = "text") -> list[t
             f"{src}: {len(missing)} of {len(images)} images have no caption file beside them ({shown}"
             f"{', …' if len(missing) > 5 else ''}); give each image a .txt of the same name, or write a {METADATA}"
         )
-    return [(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in images]
+    return [(p, _text(p.with_suffix(".txt")).strip()) for p in images]
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}, line {line}: not valid UTF-8 (byte {e.start})") from None
 
 
 def _from_metadata(src: Path, column: str) -> list[tuple[Path, str]]:
     path, samples = src / METADATA, []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    root = src.resolve()
+    for n, line in enumerate(_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -93,6 +103,10 @@ def _from_metadata(src: Path, column: str) -> list[tuple[Path, str]]:
             have = sorted(row)
             raise ValueError(f"{path}, line {n}: no caption string under {column!r} (has {have}; see --caption-column)")
         image = src / row["file_name"]
+        if Path(row["file_name"]).is_absolute() or not image.resolve().is_relative_to(root):
+            raise ValueError(
+                f"{path}, line {n}: file_name {row['file_name']!r} points outside {src} (expected a path inside SRC)"
+            )
         if not image.is_file():
             raise ValueError(f"{path}, line {n}: {row['file_name']!r} does not exist in {src}")
         samples.append((image, caption.strip()))
@@ -131,10 +145,14 @@ def prepare_data(
 ) -> Path:
     """Write the shards of SRC into OUT (see the module docstring); `effnet` is a folder or (module, variables)."""
     src, out = Path(src), Path(out)
-    limits = (("resolution", resolution, 32), ("shard_size", shard_size, 1), ("batch_size", batch_size, 1))
-    for name, value, low in limits:
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
+    limits = (
+        ("resolution", resolution, 32, MAX_RESOLUTION),
+        ("shard_size", shard_size, 1, 10**7),
+        ("batch_size", batch_size, 1, 10**5),
+    )
+    for name, value, low, high in limits:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"--{name.replace('_', '-')} {value!r}: expected an integer from {low} to {high}")
     check_destination(src, out, overwrite)
     samples = list_samples(src, caption_column)
     module, variables = _load_effnet(effnet, dtype)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -216,11 +217,27 @@ class Checkpoints:
 
     def restore(self, like: TrainState, step: int | None = None) -> TrainState:
         """Restore into the structure, dtypes and shardings of `like` (arrays or ShapeDtypeStructs); the frozen
-        leaves are `like`'s."""
-        step = self.latest() if step is None else step
+        leaves are `like`'s. Without `step`, the newest checkpoint that restores: a corrupt one (truncated or
+        deleted array files) is reported in one line on stderr and the previous one tried."""
         target = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), _saved(like)
         )
+        if step is not None:
+            return self._restore(step, target, like)
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for s in steps:
+            try:
+                return self._restore(s, target, like)
+            except Exception as e:  # orbax / tensorstore raise many kinds for a damaged checkpoint
+                why = " ".join(str(e).split())[:200]
+                print(
+                    f"checkpoint step {s} in {self.manager.directory} does not restore ({type(e).__name__}: {why}); "
+                    "skipping it",
+                    file=sys.stderr,
+                )
+        raise ValueError(f"{self.manager.directory}: no checkpoint restores (steps {steps})")
+
+    def _restore(self, step: int, target: Any, like: TrainState) -> TrainState:
         return TrainState(**self.manager.restore(step, args=ocp.args.StandardRestore(target)), frozen=like.frozen)
 
 
