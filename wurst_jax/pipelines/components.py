@@ -19,6 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from wurst_jax.pipelines.tokenizer import load_tokenizer
 from wurst_jax.samplers import DDPMWuerstchen, sampler_from_config
 from wurst_jax.sharding import ShardingPlan
 from wurst_jax.weights import WeightsError
@@ -68,12 +69,6 @@ def resolve(path: str | os.PathLike) -> Path:
     raise WeightsError(f"{path}: no such folder")
 
 
-def load_tokenizer(folder: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(folder))
-
-
 def load_pipeline_folder(
     path: str | os.PathLike,
     parts: tuple[str, ...],
@@ -101,7 +96,7 @@ def load_pipeline_folder(
     for part in parts:
         folder = root / (prefix + part)
         if part == "tokenizer":
-            out[part] = load_tokenizer(folder)
+            out[part] = load_tokenizer(folder)  # CLIP without transformers (pipelines/tokenizer.py)
         else:
             out[part] = Component(*load_with_plan(folder, plan, dtype), offload=offload)
     return out
