@@ -62,13 +62,17 @@ def test_pipelines_default(clean, tmp_path):
 
 
 def test_generate_fills_default_cache(tmp_path):
-    """`wurst-jax generate` with no cache flag writes its programs under $XDG_CACHE_HOME/wurst_jax/jax."""
+    """`wurst-jax generate` with no cache flag writes its programs under $XDG_CACHE_HOME/wurst_jax/jax; its start-up
+    imports none of torch, transformers, orbax, optax (python -X importtime lists every module imported)."""
     env = {k: v for k, v in os.environ.items() if k != "WURST_JAX_CACHE_DIR"}
     env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
-    cmd = [sys.executable, "-m", "wurst_jax.cli", "generate", "a red circle", "--out", str(tmp_path / "a.png")]
-    cmd += ["--quiet", "--prior-steps", "2", "--steps", "2"]
+    cmd = [sys.executable, "-X", "importtime", "-m", "wurst_jax.cli", "generate", "a red circle"]
+    cmd += ["--out", str(tmp_path / "a.png"), "--quiet", "--prior-steps", "2", "--steps", "2"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (tmp_path / "a.png").is_file()
+    imported = {ln.split("|")[-1].strip() for ln in p.stderr.splitlines() if ln.startswith("import time:")}
+    assert "wurst_jax.pipelines.wuerstchen" in imported  # the listing is there
+    assert not {m for m in imported if m.split(".")[0] in ("torch", "transformers", "orbax", "optax")}
     assert len(list((tmp_path / "xdg" / "wurst_jax" / "jax").iterdir())) >= 3  # text, prior, decoder, vqgan, ...
