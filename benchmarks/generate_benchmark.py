@@ -252,6 +252,8 @@ def make_pipeline(cfg: dict, mods: dict, var: dict) -> wj.WuerstchenPipeline:
     tok_p, tok_d = (FakeTokenizer(te.vocab_size) for te in cfg["text"])
     prior = wj.WuerstchenPriorPipeline(tok_p, c["text_prior"], c["prior"], progress=False)
     decoder = wj.WuerstchenDecoderPipeline(tok_d, c["text_decoder"], c["decoder"], c["vqgan"], progress=False)
+    # the loops run the modules as given (scanned or not), not the runners' defaults: the same programs as run_once
+    prior.runner.scan_blocks, decoder.runner.scan_blocks = mods["prior"].scan_blocks, mods["decoder"].scan_blocks
     return wj.WuerstchenPipeline(prior, decoder)
 
 

@@ -15,6 +15,8 @@ by its time limit keeps what it got; `--budget-s` stops starting new work so the
  4. `cold` and `steady` batch 4 (a fresh process).
  5. diffusers eager batch 1 and 4 (`benchmarks/diffusers_reference.py` in its own process per batch), or one row
     saying why it could not run (no torch with CUDA, no diffusers).
+ 6. with the time left: `cold` and `steady` batch 1 with no block scanned and with the decoder's scanned too (rows
+    carry `scan_blocks`: `default` = the pipelines' choice, the prior's triples scanned; `none`; `all`).
 Every row carries device, date, the jax/jaxlib/flax/torch/diffusers versions, config, batch, resolution and dtype.
 The stage functions and helpers are `generate_benchmark.py`'s (the pipelines' own `run_loop`, one jit per stage).
 """
@@ -94,8 +96,10 @@ def child(a) -> None:
     wj.enable_compilation_cache(a.cache_dir)
     t_imported, cfg = time.time(), gb.configs(a.config)
     mods = gb.build_modules(cfg, {"bf16": jnp.bfloat16, "f32": jnp.float32}[a.dtype])
-    if a.scan_blocks:
-        mods = {k: m.clone(scan_blocks=True) if k in ("prior", "decoder") else m for k, m in mods.items()}
+    from wurst_jax.pipelines.runner import SCAN_BLOCKS  # the pipelines' defaults: what users run
+
+    scan = {"all": dict(prior=True, decoder=True), "none": {}}.get(a.scan_blocks, SCAN_BLOCKS)
+    mods = {k: m.clone(scan_blocks=scan.get(k, False)) if k in ("prior", "decoder") else m for k, m in mods.items()}
     var = jax.block_until_ready({k: fast_init(m, i) for i, (k, m) in enumerate(mods.items())})
     dev = jax.devices()[0]
     base = dict(device=dev.device_kind, platform=dev.platform, batch=a.batch, startup_s=t_imported - a.spawned_at)
@@ -171,12 +175,12 @@ class Suite:
             rows.append(self.write(dict(what, row="failed", failed=why, stderr_tail=tail)))
         return rows
 
-    def jax(self, batch: int, mode: str) -> list[dict]:
-        a = self.a
+    def jax(self, batch: int, mode: str, scan: str | None = None) -> list[dict]:
+        a, scan = self.a, scan or self.a.scan_blocks
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--cache-dir", str(self.cache)]
         cmd += ["--config", a.config, "--batch", str(batch), "--res", str(a.res), "--dtype", a.dtype]
         cmd += ["--reps", str(a.reps), "--spawned-at", repr(time.time())]
-        cmd += ["--scan-blocks"] * a.scan_blocks + ["--pipeline"] * (mode == "measure" and batch == 1)
+        cmd += ["--scan-blocks", scan] + ["--pipeline"] * (mode == "measure" and batch == 1 and scan == a.scan_blocks)
         return self.stream(cmd, dict(implementation="wurst_jax", batch=batch, dtype=a.dtype))
 
     def reference(self, batch: int) -> list[dict]:
@@ -201,6 +205,9 @@ class Suite:
         self.jax(4, "measure")
         self.reference(1)
         self.reference(4)
+        if self.a.scan_blocks == "default" and not self.a.short:  # what time is left: the other scan choices, b1
+            self.jax(1, "measure", "none")
+            self.jax(1, "measure", "all")
         print(f"gpu_suite: done in {time.time() - self.t0:.1f} s; rows in {self.out / 'results.jsonl'}", flush=True)
 
 
@@ -227,7 +234,12 @@ def main(argv=None):
     ap.add_argument("--res", type=int, default=None, help="pixels per side (default: v2 1024, small 512, tiny 128)")
     ap.add_argument("--dtype", choices=["bf16", "f32"], default=None, help="default bf16 (--short: f32)")
     ap.add_argument("--reps", type=int, default=None, help="timed calls after the cold one (default 3, --short 1)")
-    ap.add_argument("--scan-blocks", action="store_true", help="prior and decoder repeats as one lax.scan each")
+    ap.add_argument(
+        "--scan-blocks",
+        choices=["default", "all", "none"],
+        default="default",
+        help="repeated blocks as one lax.scan: the pipelines' default (prior only), prior and decoder, or none",
+    )
     ap.add_argument("--budget-s", type=float, default=570.0, help="start no work after this many seconds")
     ap.add_argument("--reference-script", default=str(ROOT / "benchmarks" / "diffusers_reference.py"))
     ap.add_argument("--label", default="", help="a note stored in every row")
