@@ -46,7 +46,15 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype", choices=tuple(DTYPES), default="bfloat16", help="compute and weight dtype (default bfloat16)"
     )
-    p.add_argument("--offload", action="store_true", help="keep inactive stages in host memory")
+    p.add_argument(
+        "--offload",
+        nargs="?",
+        const="model",
+        default=False,
+        choices=("model", "sequential"),
+        help="keep inactive stages in host memory (model, the default of a bare --offload); sequential: the prior's "
+        "weights stay there too and one block triple at a time moves to the device",
+    )
     p.add_argument(
         "--cache-dir",
         help="persistent compilation cache folder (default: $WURST_JAX_CACHE_DIR, else "

@@ -28,14 +28,28 @@ from wurst_jax.weights.load import load_with_plan
 
 @dataclasses.dataclass
 class Component:
-    """A loaded stage: `module` and its `variables` (on the device, or on the host when `offload`)."""
+    """A loaded stage: `module` and its `variables` (on the device, or on the host when `offload`).
+
+    `offload="sequential"` on a module with repeated blocks it can stream (`stream_blocks`: the v2 prior) keeps the
+    variables in the device's host memory (pinned where the backend has it); the stage's loop moves the small
+    leaves to the device once and one block repeat's parameters per scan step (`runner.run_loop`). Other modules
+    fall back to model offloading (`offload=True`)."""
 
     module: nn.Module
     variables: Any
-    offload: bool = False
+    offload: bool | str = False
 
     def __post_init__(self):
         self.shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.variables)
+        if self.offload not in (False, True, "model", "sequential"):
+            raise ValueError(f"offload={self.offload!r}: expected False, True / 'model', or 'sequential'")
+        self.streams = self.offload == "sequential" and hasattr(self.module, "stream_blocks")
+        if self.streams:
+            kinds = {m.kind for m in jax.local_devices()[0].addressable_memories()}
+            host = "pinned_host" if "pinned_host" in kinds else "unpinned_host"
+            shardings = jax.tree_util.tree_map(lambda s: s.with_memory_kind(host), self.shardings)
+            self.variables = jax.device_put(self.variables, shardings)
+            return
         if self.offload:
             if not all(x.is_fully_addressable for x in jax.tree_util.tree_leaves(self.variables)):
                 raise ValueError("offload=True keeps whole stages in this host's memory: not available across hosts")
@@ -43,7 +57,7 @@ class Component:
 
     @contextlib.contextmanager
     def on_device(self) -> Iterator[Any]:
-        if not self.offload:
+        if not self.offload or self.streams:  # streamed: the loop moves them itself
             yield self.variables
             return
         on_device = jax.device_put(self.variables, self.shardings)

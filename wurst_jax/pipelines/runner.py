@@ -48,6 +48,11 @@ def run_loop(
     sampler: Sampler,
 ) -> jax.Array:
     """The compiled body of a stage: `denoise_loop` over `model_fn`, guided when `uncond` is given."""
+    streamed = set(getattr(module, "streamed_names", tuple)())
+    if streamed:  # sequential offload: all but the streamed blocks to the device once, before the loop
+        to_device = lambda tree: jax.device_put(tree, jax.memory.Space.Device)  # noqa: E731
+        params = {k: v if k in streamed else to_device(v) for k, v in variables["params"].items()}
+        variables = {**{k: to_device(v) for k, v in variables.items() if k != "params"}, "params": params}
     model = lambda x, r, c: model_fn(module, variables, x, r, c)  # noqa: E731
     if uncond is None:
         return denoise_loop(model, cond, sampler, timesteps, noise, step_noise, x_init)
@@ -79,6 +84,8 @@ class StageRunner:
         module = self.component.module
         if hasattr(module, "scan_blocks") and module.scan_blocks != self.scan_blocks:
             module = module.clone(scan_blocks=self.scan_blocks)
+        if getattr(self.component, "streams", False):  # sequential offload (components.Component)
+            module = module.clone(stream_blocks=True)
         return module
 
     def __call__(
