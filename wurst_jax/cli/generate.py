@@ -52,8 +52,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
         const="model",
         default=False,
         choices=("model", "sequential"),
-        help="keep inactive stages in host memory (model, the default of a bare --offload); sequential: prior and decoder "
-        "weights stay there too and one block repeat at a time moves to the device",
+        help="keep inactive stages in host memory (model, the default of a bare --offload); sequential: prior and "
+        "decoder weights stay there too and one block repeat at a time moves to the device",
     )
     p.add_argument(
         "--cache-dir",
