@@ -160,7 +160,11 @@ def init_variables(module, seed: int, on_device: bool | None = None):
         rng = np.random.default_rng(seed)
         draws = [(_scaled(rng.standard_normal(x.shape, np.float32), x.shape, p[-1].key), x) for p, x in leaves]
         out = [jax.device_put(z.astype(x.dtype), device) for z, x in draws]
-    tree = jax.tree_util.tree_unflatten(treedef, out)
+    return tame_outputs(module, jax.tree_util.tree_unflatten(treedef, out))
+
+
+def tame_outputs(module, tree):
+    """Random variables of Stages C and B with their output divisors kept away from 0 (see `init_variables`)."""
     if isinstance(module, (WuerstchenPrior, WuerstchenDiffNeXt)):  # output (x - a) / f(b): keep f(b) away from 0
         cfg = module.config
         conv, b, shift = (
@@ -248,6 +252,8 @@ def make_pipeline(cfg: dict, mods: dict, var: dict) -> wj.WuerstchenPipeline:
     tok_p, tok_d = (FakeTokenizer(te.vocab_size) for te in cfg["text"])
     prior = wj.WuerstchenPriorPipeline(tok_p, c["text_prior"], c["prior"], progress=False)
     decoder = wj.WuerstchenDecoderPipeline(tok_d, c["text_decoder"], c["decoder"], c["vqgan"], progress=False)
+    # the loops run the modules as given (scanned or not), not the runners' defaults: the same programs as run_once
+    prior.runner.scan_blocks, decoder.runner.scan_blocks = mods["prior"].scan_blocks, mods["decoder"].scan_blocks
     return wj.WuerstchenPipeline(prior, decoder)
 
 

@@ -4,6 +4,9 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# the persistent compilation cache is on by default (~/.cache/wurst_jax/jax): tests never write to the user's home,
+# and each test compiles what it runs (tests of the cache pass their own folder)
+os.environ["WURST_JAX_CACHE_DIR"] = "off"
 
 import dataclasses  # noqa: E402
 import functools  # noqa: E402

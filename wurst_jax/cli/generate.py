@@ -13,6 +13,7 @@ from pathlib import Path
 
 from wurst_jax.cli.validate import check_generate, tiny_warnings
 from wurst_jax.dtypes import DTYPES
+from wurst_jax.pipelines.runtime import use_compilation_cache
 from wurst_jax.samplers import DEFAULT_STAGE_C_TIMESTEPS
 from wurst_jax.serving.batch import add_batch_arguments, run_batch
 
@@ -63,8 +64,21 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype", choices=tuple(DTYPES), default="bfloat16", help="compute and weight dtype (default bfloat16)"
     )
-    p.add_argument("--offload", action="store_true", help="keep inactive stages in host memory")
-    p.add_argument("--cache-dir", help="persistent compilation cache folder (later runs skip compiling)")
+    p.add_argument(
+        "--offload",
+        nargs="?",
+        const="model",
+        default=False,
+        choices=("model", "sequential"),
+        help="keep inactive stages in host memory (model, the default of a bare --offload); sequential: prior and "
+        "decoder weights stay there too and one block repeat at a time moves to the device",
+    )
+    p.add_argument(
+        "--cache-dir",
+        help="persistent compilation cache folder (default: $WURST_JAX_CACHE_DIR, else "
+        "$XDG_CACHE_HOME or ~/.cache, /wurst_jax/jax): later runs skip compiling",
+    )
+    p.add_argument("--no-cache", action="store_true", help="no persistent compilation cache")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--sharding", choices=("dp", "fsdp", "tp"), help="shard over all devices (mesh data × model)")
     p.add_argument("--model-axis", type=int, default=1, help="size of the mesh's model axis (tp; default 1)")
@@ -121,8 +135,7 @@ def generate(args: argparse.Namespace) -> int:
 
     if args.distributed or args.coordinator:
         wj.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    if args.cache_dir:
-        wj.enable_compilation_cache(args.cache_dir)
+    use_compilation_cache(args.cache_dir, enabled=not args.no_cache)
     mesh = wj.make_mesh(data=-1, model=args.model_axis) if args.sharding or args.model_axis > 1 else None
     out = plan.out
     out.parent.mkdir(exist_ok=True)  # check_generate allows one missing level, never a tree

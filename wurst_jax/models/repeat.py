@@ -6,6 +6,9 @@ parameters from the parent's children `names[r][k]`. Scanning stacks the repeats
 axis (a copy per call, in the parameters' dtype) so XLA compiles the sequence once instead of once per repeat;
 remat keeps only each repeat's input for the backward pass and recomputes the rest. With dropout each block of each
 repeat gets its own key, split from the parent's "dropout" stream.
+Streaming (sequential offload, `stream=True`, implies scanning): the repeats' parameters stay in host memory (the
+caller keeps them there), the stack is made in host memory, and each repeat's slice is moved to the device at the
+top of the scan body, so the device holds one repeat's parameters at a time.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ def apply_repeats(
     scan: bool,
     remat: bool,
     deterministic: bool,
+    stream: bool = False,
 ) -> jax.Array:
     """`x` through `len(names)` repeats of `blocks` (unbound modules) on `parent`'s parameters; see the module doc.
     Call from inside `parent`'s compact method, in apply mode (initialisation creates the children as usual)."""
@@ -44,12 +48,25 @@ def apply_repeats(
             x = block.apply({"params": p[k]}, x, *args(block), rngs=rngs)
         return x
 
+    if stream:  # one repeat's parameters to the device per scan step (before remat: the backward pass fetches too)
+        resident = body
+
+        def body(x: jax.Array, p: tuple[Any, ...], key: jax.Array | None) -> jax.Array:
+            return resident(x, jax.device_put(p, jax.memory.Space.Device), key)
+
     if remat:  # inside scan the loop already keeps XLA from merging recompute and forward (jax docs)
         body = jax.checkpoint(body, prevent_cse=not scan)
-    if not scan:
+    if not (scan or stream):
         for r, p in enumerate(repeats):
             x = body(x, p, None if keys is None else keys[r])
         return x
-    stacked = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *repeats)
+    stack = lambda reps: jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *reps)  # noqa: E731
+    if stream:  # the stack is made where the parameters are: host memory
+        from jax.experimental.compute_on import compute_on
+
+        with compute_on("device_host"):
+            stacked = jax.jit(stack)(repeats)
+    else:
+        stacked = stack(repeats)
     x, _ = jax.lax.scan(lambda x, xs: (body(x, *xs), None), x, (stacked, keys))
     return x

@@ -23,7 +23,7 @@ from wurst_jax.pipelines.cascade_prior import StableCascadePriorPipeline, pooled
 from wurst_jax.pipelines.components import Component, load_pipeline_folder
 from wurst_jax.pipelines.outputs import ImagePipelineOutput, to_pil
 from wurst_jax.pipelines.runner import StageRunner, decode_images, setup_plan
-from wurst_jax.pipelines.runtime import CompileCache
+from wurst_jax.pipelines.runtime import CompileCache, default_compilation_cache
 from wurst_jax.pipelines.text import TextEncoder
 from wurst_jax.samplers import DDPMWuerstchen, Sampler
 from wurst_jax.sharding import ShardingPlan
@@ -72,6 +72,7 @@ class StableCascadeDecoderPipeline:
     ) -> StableCascadeDecoderPipeline:
         """A `stabilityai/stable-cascade`-style folder (decoder/, vqgan/, text_encoder/, tokenizer/, scheduler/)."""
         plan = ShardingPlan(mesh, sharding or "dp")
+        default_compilation_cache()  # the per-user persistent cache unless the caller chose (runtime.py)
         parts = load_pipeline_folder(path, ("decoder", "vqgan", "text_encoder", "tokenizer"), dtype, offload, "", plan)
         cfg = {k: parts["config"][k] for k in ("latent_dim_scale",) if k in parts["config"]}
         return cls(

@@ -24,7 +24,7 @@ from wurst_jax.pipelines import args, random
 from wurst_jax.pipelines.components import Component, load_pipeline_folder
 from wurst_jax.pipelines.outputs import StableCascadePriorPipelineOutput
 from wurst_jax.pipelines.runner import StageRunner, setup_plan
-from wurst_jax.pipelines.runtime import CompileCache
+from wurst_jax.pipelines.runtime import CompileCache, default_compilation_cache
 from wurst_jax.pipelines.text import TextEncoder
 from wurst_jax.samplers import DDPMWuerstchen, Sampler
 from wurst_jax.sharding import ShardingPlan
@@ -128,6 +128,7 @@ class StableCascadePriorPipeline:
         """A `stabilityai/stable-cascade-prior`-style folder; image_encoder/ and feature_extractor/ are optional
         (needed for `images=`). `prefix` names the parts inside a combined folder (`prior_`)."""
         plan = ShardingPlan(mesh, sharding or "dp")
+        default_compilation_cache()  # the per-user persistent cache unless the caller chose (runtime.py)
         parts = load_pipeline_folder(
             path,
             ("prior", "text_encoder", "tokenizer"),

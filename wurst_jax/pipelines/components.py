@@ -19,6 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from wurst_jax.pipelines.tokenizer import load_tokenizer
 from wurst_jax.samplers import DDPMWuerstchen, sampler_from_config
 from wurst_jax.sharding import ShardingPlan
 from wurst_jax.weights import WeightsError
@@ -27,14 +28,28 @@ from wurst_jax.weights.load import load_with_plan
 
 @dataclasses.dataclass
 class Component:
-    """A loaded stage: `module` and its `variables` (on the device, or on the host when `offload`)."""
+    """A loaded stage: `module` and its `variables` (on the device, or on the host when `offload`).
+
+    `offload="sequential"` on a module with repeated blocks it can stream (`stream_blocks`: the v2 prior) keeps the
+    variables in the device's host memory (pinned where the backend has it); the stage's loop moves the small
+    leaves to the device once and one block repeat's parameters per scan step (`runner.run_loop`). Other modules
+    fall back to model offloading (`offload=True`)."""
 
     module: nn.Module
     variables: Any
-    offload: bool = False
+    offload: bool | str = False
 
     def __post_init__(self):
         self.shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.variables)
+        if self.offload not in (False, True, "model", "sequential"):
+            raise ValueError(f"offload={self.offload!r}: expected False, True / 'model', or 'sequential'")
+        self.streams = self.offload == "sequential" and hasattr(self.module, "stream_blocks")
+        if self.streams:
+            kinds = {m.kind for m in jax.local_devices()[0].addressable_memories()}
+            host = "pinned_host" if "pinned_host" in kinds else "unpinned_host"
+            shardings = jax.tree_util.tree_map(lambda s: s.with_memory_kind(host), self.shardings)
+            self.variables = jax.device_put(self.variables, shardings)
+            return
         if self.offload:
             if not all(x.is_fully_addressable for x in jax.tree_util.tree_leaves(self.variables)):
                 raise ValueError("offload=True keeps whole stages in this host's memory: not available across hosts")
@@ -42,7 +57,7 @@ class Component:
 
     @contextlib.contextmanager
     def on_device(self) -> Iterator[Any]:
-        if not self.offload:
+        if not self.offload or self.streams:  # streamed: the loop moves them itself
             yield self.variables
             return
         on_device = jax.device_put(self.variables, self.shardings)
@@ -66,12 +81,6 @@ def resolve(path: str | os.PathLike) -> Path:
         except Exception as e:  # no network, unknown repo, no access: say which and why
             raise WeightsError(f"{path}: not a local folder, and downloading it from the Hub failed: {e}") from None
     raise WeightsError(f"{path}: no such folder")
-
-
-def load_tokenizer(folder: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def read_preprocessor_config(folder: Path) -> dict[str, Any]:
@@ -120,7 +129,7 @@ def load_pipeline_folder(
         if part == "feature_extractor":
             out[part] = read_preprocessor_config(folder)
         elif part == "tokenizer":
-            out[part] = load_tokenizer(folder)
+            out[part] = load_tokenizer(folder)  # CLIP without transformers (pipelines/tokenizer.py)
         else:
             out[part] = Component(*load_with_plan(folder, plan, dtype), offload=offload)
     return out

@@ -6,6 +6,12 @@ model is called), a sampler and the two random streams it draws from. Conditioni
 (host or device); with classifier-free guidance the unconditional dict has the same structure and both halves
 run as one batch inside the loop. Batches are padded to the mesh's data axis; the result keeps that padding
 (`n` real rows first) so the next stage can take it without a trip through the host.
+
+`scan_blocks` runs a model's repeated blocks (modules with a `scan_blocks` field: the prior's triples, the
+decoder's level repeats) as one `lax.scan` inside the loop, so XLA compiles one repeat instead of all of them.
+The default per stage (`SCAN_BLOCKS`) is measured (benchmarks/scan_compile.py, RESULTS.md): the v2 prior's 32
+triples compile twice as fast scanned; the decoder, whose compile time is mostly its high-resolution levels, does not
+compile faster scanned, so it stays unrolled. Outputs equal (tests/test_inference_scan.py).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from wurst_jax.pipelines.runtime import CompileCache
 from wurst_jax.samplers import Sampler, denoise_loop, guided
 from wurst_jax.sharding import ShardingPlan
 
+SCAN_BLOCKS = {"prior": True}  # stage name -> inference default (others: unrolled); see the module docstring
 ModelFn = Callable[[Any, Any, jax.Array, jax.Array, dict], jax.Array]  # (module, variables, x, r, conditioning)
 
 
@@ -41,6 +48,11 @@ def run_loop(
     sampler: Sampler,
 ) -> jax.Array:
     """The compiled body of a stage: `denoise_loop` over `model_fn`, guided when `uncond` is given."""
+    streamed = set(getattr(module, "streamed_names", tuple)())
+    if streamed:  # sequential offload: all but the streamed blocks to the device once, before the loop
+        to_device = lambda tree: jax.device_put(tree, jax.memory.Space.Device)  # noqa: E731
+        params = {k: v if k in streamed else to_device(v) for k, v in variables["params"].items()}
+        variables = {**{k: to_device(v) for k, v in variables.items() if k != "params"}, "params": params}
     model = lambda x, r, c: model_fn(module, variables, x, r, c)  # noqa: E731
     if uncond is None:
         return denoise_loop(model, cond, sampler, timesteps, noise, step_noise, x_init)
@@ -60,9 +72,21 @@ class StageRunner:
         plan: ShardingPlan,
         compiler: CompileCache,
         streams: tuple[random.Stream, random.Stream],
+        scan_blocks: bool | None = None,
     ):
         self.name, self.component, self.model_fn, self.sampler = name, component, model_fn, sampler
         self.plan, self.compiler, self.streams = plan, compiler, streams
+        self.scan_blocks = SCAN_BLOCKS.get(name, False) if scan_blocks is None else scan_blocks
+
+    @property
+    def module(self) -> Any:
+        """The component's module as the loop runs it: with `scan_blocks` set where the module has the option."""
+        module = self.component.module
+        if hasattr(module, "scan_blocks") and module.scan_blocks != self.scan_blocks:
+            module = module.clone(scan_blocks=self.scan_blocks)
+        if getattr(self.component, "streams", False):  # sequential offload (components.Component)
+            module = module.clone(stream_blocks=True)
+        return module
 
     def __call__(
         self,
@@ -90,7 +114,7 @@ class StageRunner:
         batch = lambda tree: None if tree is None else jax.tree_util.tree_map(plan.batch, tree)  # noqa: E731
         grid = "×".join(map(str, shape[:-1]))
         detail = f"{steps} steps × {n} images{' + CFG' if uncond is not None else ''}, latent {grid}"
-        static = {"module": self.component.module, "model_fn": self.model_fn, "sampler": self.sampler}
+        static = {"module": self.module, "model_fn": self.model_fn, "sampler": self.sampler}
         with self.component.on_device() as variables:
             return self.compiler(
                 self.name,

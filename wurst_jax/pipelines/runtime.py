@@ -1,5 +1,5 @@
 """What running a pipeline needs around the models: compiled functions cached per shape, progress lines, device
-memory figures, and the persistent compilation cache.
+memory figures, and the persistent compilation cache (on by default: `use_compilation_cache`).
 
 `CompileCache` belongs to a pipeline (the stages of one pipeline share it): it jits a function once, lowers and
 compiles it explicitly per (static arguments, input shapes and shardings) so compile time and run time are
@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -83,8 +84,65 @@ def peak_device_memory(reset: bool = False) -> int:
     return peak
 
 
+CACHE_ENV = "WURST_JAX_CACHE_DIR"  # a folder, or "off" (also "", "0", "none", "false"): no persistent cache
+_OFF = ("", "0", "off", "none", "false")
+_CHOSEN = [False]  # a command chose (`use_compilation_cache`, also `--no-cache`): the pipelines keep that choice
+
+
+def default_cache_dir() -> Path | None:
+    """The per-user compilation cache folder: $WURST_JAX_CACHE_DIR, else ($XDG_CACHE_HOME or ~/.cache)/wurst_jax/jax;
+    None when the environment variable turns it off."""
+    env = os.environ.get(CACHE_ENV)
+    if env is not None:
+        return None if env.strip().lower() in _OFF else Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wurst_jax" / "jax"
+
+
 def enable_compilation_cache(path: str | os.PathLike) -> None:
-    """Persist compiled executables in `path`, so a new process skips compilation for shapes seen before."""
-    jax.config.update("jax_compilation_cache_dir", str(path))
+    """Persist compiled executables in `path`, so a new process skips compilation for programs seen before.
+
+    JAX keys each entry by the program's HLO, the compile options, the jax/jaxlib version and the device kind and
+    count, so a different jax, device or model shape never reuses a wrong program (it compiles and adds an entry)."""
+    path = str(path)
+    if jax.config.jax_compilation_cache_dir == path:
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    try:  # jax reads the folder once, at the first compile: after one, start over so this folder is used
+        from jax._src import compilation_cache
+
+        compilation_cache.reset_cache()
+    except (ImportError, AttributeError):  # a jax without it: the folder applies from the next process on
+        pass
+
+
+def use_compilation_cache(path: str | os.PathLike | None = None, enabled: bool = True) -> Path | None:
+    """The persistent compilation cache as the commands set it up: `path` (`--cache-dir`) or the per-user default
+    (`default_cache_dir`); `enabled=False` (`--no-cache`) leaves it off. Returns the folder in use, or None. The
+    default folder is skipped with a note when it cannot be made; an explicit `path` that cannot be made raises."""
+    _CHOSEN[0] = True
+    if not enabled:
+        return None
+    target = Path(path).expanduser() if path else default_cache_dir()
+    if target is None:
+        return None
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if path:
+            raise OSError(f"--cache-dir {path}: cannot create the compilation cache folder ({e})") from e
+        say(f"no persistent compilation cache: cannot create {target} ({e}); set {CACHE_ENV}")
+        return None
+    enable_compilation_cache(target)
+    return target
+
+
+def default_compilation_cache() -> Path | None:
+    """For the Python pipelines: the per-user cache, unless the caller already chose a folder (jax's
+    `jax_compilation_cache_dir`, `enable_compilation_cache`, a command's `--cache-dir` / `--no-cache`) or
+    $WURST_JAX_CACHE_DIR turns it off."""
+    current = jax.config.jax_compilation_cache_dir
+    if current or _CHOSEN[0]:
+        return Path(current) if current else None
+    return use_compilation_cache()

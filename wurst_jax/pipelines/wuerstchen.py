@@ -22,7 +22,7 @@ from wurst_jax.pipelines import args, random
 from wurst_jax.pipelines.components import Component, load_pipeline_folder
 from wurst_jax.pipelines.outputs import ImagePipelineOutput, WuerstchenPriorPipelineOutput, to_pil
 from wurst_jax.pipelines.runner import StageRunner, decode_images, setup_plan
-from wurst_jax.pipelines.runtime import CompileCache
+from wurst_jax.pipelines.runtime import CompileCache, default_compilation_cache
 from wurst_jax.pipelines.text import TextEncoder
 from wurst_jax.samplers import DDPMWuerstchen, Sampler
 from wurst_jax.sharding import ShardingPlan
@@ -85,6 +85,7 @@ class WuerstchenPriorPipeline:
     ) -> WuerstchenPriorPipeline:
         """A `warp-ai/wuerstchen-prior`-style folder (prior/, text_encoder/, tokenizer/, scheduler/); `prefix`
         names the parts inside a combined folder (`prior_`)."""
+        default_compilation_cache()  # the per-user persistent cache unless the caller chose (runtime.py)
         plan = ShardingPlan(mesh, sharding or "dp")
         parts = load_pipeline_folder(path, ("prior", "text_encoder", "tokenizer"), dtype, offload, prefix, plan)
         keys = ("latent_mean", "latent_std", "resolution_multiple")
@@ -228,6 +229,7 @@ class WuerstchenDecoderPipeline:
         compiler: CompileCache | None = None,
     ) -> WuerstchenDecoderPipeline:
         """A `warp-ai/wuerstchen`-style folder (decoder/, vqgan/, text_encoder/, tokenizer/, scheduler/)."""
+        default_compilation_cache()  # the per-user persistent cache unless the caller chose (runtime.py)
         plan = ShardingPlan(mesh, sharding or "dp")
         parts = load_pipeline_folder(path, ("decoder", "vqgan", "text_encoder", "tokenizer"), dtype, offload, "", plan)
         cfg = {k: parts["config"][k] for k in ("latent_dim_scale",) if k in parts["config"]}

@@ -284,8 +284,9 @@ def _run(args: argparse.Namespace, flag: StopFlag) -> int:
     t_start = time.perf_counter()
     if args.distributed or args.coordinator:
         wj.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    if args.cache_dir:
-        wj.enable_compilation_cache(args.cache_dir)
+    from wurst_jax.pipelines.runtime import use_compilation_cache
+
+    use_compilation_cache(args.cache_dir, enabled=not getattr(args, "no_cache", False))
     use_mesh = args.sharding or args.model_axis > 1 or jax.device_count() > 1
     mesh = wj.make_mesh(data=-1, model=args.model_axis) if use_mesh else None
     data = 1 if mesh is None else mesh.shape["data"]

@@ -51,8 +51,10 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--cache-dir",
         metavar="DIR",
-        help="persistent compilation cache: a resumed or repeated run skips compiling the train step again",
+        help="persistent compilation cache: a resumed or repeated run skips compiling the train step again "
+        "(default: $WURST_JAX_CACHE_DIR, else $XDG_CACHE_HOME or ~/.cache, /wurst_jax/jax)",
     )
+    p.add_argument("--no-cache", action="store_true", help="no persistent compilation cache")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -81,10 +83,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _compilation_cache(args: argparse.Namespace) -> None:
-    if args.cache_dir:
-        from wurst_jax.pipelines import enable_compilation_cache
+    from wurst_jax.pipelines.runtime import use_compilation_cache
 
-        enable_compilation_cache(args.cache_dir)
+    use_compilation_cache(args.cache_dir, enabled=not args.no_cache)
 
 
 def _run_tiny(args: argparse.Namespace, tiny, cfg) -> int:

@@ -104,6 +104,27 @@ class WuerstchenDiffNeXt(nn.Module):
     param_dtype: Any = jnp.float32
     scan_blocks: bool = False
     remat: bool = False
+    stream_blocks: bool = False  # sequential offload: the scanned repeats' parameters stay in host memory
+
+    def _repeat_names(self) -> dict[tuple[str, int], list[list[str]]]:
+        """(down|up, level) → the names of each repeat that `apply_repeats` runs (the functional path)."""
+        cfg, n, out = self.config, len(self.config.c_hidden), {}
+        for i in range(n):
+            kinds, j = cfg.level_config[i], 1 if i > 0 else 0
+            out["down", i] = [[f"down_blocks_{i}_{j + r * len(kinds) + k}" for k in range(len(kinds))]
+                              for r in range(cfg.blocks[i])]  # fmt: skip
+        for u in range(n):
+            i, own = n - 1 - u, 1 if u > 0 else 0  # an up level's first repeat takes the skip: run on its own
+            kinds = cfg.level_config[i]
+            out["up", i] = [[f"up_blocks_{u}_{r * len(kinds) + k}" for k in range(len(kinds))]
+                            for r in range(own, cfg.blocks[i])]  # fmt: skip
+        return out
+
+    def streamed_names(self) -> tuple[str, ...]:
+        """The top-level parameter names `stream_blocks` moves to the device itself, one repeat at a time."""
+        if not self.stream_blocks:
+            return ()
+        return tuple(name for reps in self._repeat_names().values() for rep in reps for name in rep)
 
     def _block(self, kind: str, level: int, c_skip: int, name: str | None) -> nn.Module:
         """The child `name`, or with `name` None an unbound block to `apply` (the repeats' functional path)."""
@@ -141,14 +162,14 @@ class WuerstchenDiffNeXt(nn.Module):
         def run(block, x, skip):
             return block(x, *args(block, skip))
 
-        functional = (self.scan_blocks or self.remat) and not self.is_initializing()
+        functional = (self.scan_blocks or self.remat or self.stream_blocks) and not self.is_initializing()
 
         def repeats(x, level, prefix, j, reps, skip):
             """Repeats `reps` of `level` (children `prefix_{j}` on) through `apply_repeats`."""
             kinds = cfg.level_config[level]
             blocks = [self._block(kind, level, effnet_skip(level), None) for kind in kinds]
             names = [[f"{prefix}_{j + r * len(kinds) + k}" for k in range(len(kinds))] for r in range(len(reps))]
-            kw = dict(scan=self.scan_blocks, remat=self.remat, deterministic=deterministic)
+            kw = dict(scan=self.scan_blocks, remat=self.remat, deterministic=deterministic, stream=self.stream_blocks)
             return apply_repeats(self, x, names, blocks, lambda block: args(block, skip), **kw)
 
         level_outputs = []

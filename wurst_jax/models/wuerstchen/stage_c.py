@@ -48,7 +48,9 @@ class WuerstchenPrior(nn.Module):
       triple instead of `depth` (the stack is a copy of the block parameters per call, in `param_dtype`).
     - `remat`: rematerialise each triple in the backward pass (`jax.checkpoint`): activations of one triple kept
       instead of `depth`, for one more forward in the step.
-    With either (`models/repeat.py`), dropout draws one key per block from the "dropout" stream (masks differ from
+    - `stream_blocks`: sequential offload: the triples' parameters stay in host memory and one triple's are moved to
+      the device per scan step (scans; the caller keeps the others on the device: `streamed_names`).
+    With any of them (`models/repeat.py`), dropout draws one key per block from the "dropout" stream (masks differ from
     the default path's, not their distribution); in deterministic mode the paths compute the same function.
     """
 
@@ -57,6 +59,11 @@ class WuerstchenPrior(nn.Module):
     param_dtype: Any = jnp.float32
     scan_blocks: bool = False
     remat: bool = False
+    stream_blocks: bool = False
+
+    def streamed_names(self) -> tuple[str, ...]:
+        """The top-level parameter names `stream_blocks` moves to the device itself, one triple at a time."""
+        return tuple(f"blocks_{i}" for i in range(3 * self.config.depth)) if self.stream_blocks else ()
 
     @nn.compact
     def __call__(self, x: jax.Array, r: jax.Array, c: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -72,9 +79,9 @@ class WuerstchenPrior(nn.Module):
                 return None, deterministic
             return (c_embed, deterministic) if isinstance(block, AttnBlock) else (r_embed,)
 
-        if (self.scan_blocks or self.remat) and not self.is_initializing():
+        if (self.scan_blocks or self.remat or self.stream_blocks) and not self.is_initializing():
             names = [[f"blocks_{3 * i + k}" for k in range(3)] for i in range(cfg.depth)]
-            kw = dict(scan=self.scan_blocks, remat=self.remat, deterministic=deterministic)
+            kw = dict(scan=self.scan_blocks, remat=self.remat, deterministic=deterministic, stream=self.stream_blocks)
             x = apply_repeats(self, x, names, self._block_modules(), args, **kw)
         else:
             for i in range(cfg.depth):

@@ -1,0 +1,125 @@
+"""Compile time of the inference loops, repeated blocks unrolled vs one `lax.scan` (`scan_blocks`), nothing run.
+
+Usage (repo root):  python benchmarks/scan_compile.py --stage prior decoder vqgan --res 1024 [--prior-depth 8]
+Each (stage, mode) is lowered and compiled in a fresh child process (no persistent compilation cache, nothing
+shared) from abstract inputs (`jax.ShapeDtypeStruct`: no weights are made): the pipelines' own stage functions,
+`run_loop` for the prior (29 steps, CFG as one batch) and the decoder (12 steps), `decode_images` for the VQGAN.
+Full-size v2 configs in bf16 unless `--prior-depth` / `--decoder-blocks` reduce the depth (to fit a slow host).
+Prints one JSON line per measurement and appends them to `--out` (default benchmarks/results.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MARK = "SCAN_ROW "
+
+
+def measure(stage: str, scan: bool, res: int, batch: int, prior_depth: int, decoder_blocks: tuple | None) -> dict:
+    """In this process: lower + compile one stage function at full size (abstract inputs), timed apart."""
+    os.environ.setdefault("WURST_JAX_CACHE_DIR", "off")
+    sys.path.insert(0, str(ROOT))
+    import jax
+    import jax.numpy as jnp
+
+    import wurst_jax as wj
+    from wurst_jax.models import abstract_variables
+    from wurst_jax.pipelines.runner import run_loop
+    from wurst_jax.pipelines.wuerstchen import decode_images, decoder_model, prior_model
+    from wurst_jax.samplers import DEFAULT_STAGE_C_TIMESTEPS, DDPMWuerstchen
+
+    dt = jnp.bfloat16
+    sds = jax.ShapeDtypeStruct
+    h = int(-(-res // 42.67))  # ceil(res / 42.67), as the pipeline
+    hb = int(h * 10.67)
+    config: dict = {}
+    if stage == "prior":
+        cfg = dataclasses.replace(wj.StageCConfig.v2(), depth=prior_depth)
+        module = wj.WuerstchenPrior(cfg, dtype=dt, param_dtype=dt, scan_blocks=scan)
+        steps, shape = len(DEFAULT_STAGE_C_TIMESTEPS), (h, h, cfg.c_in)
+        cond = {"clip": sds((batch, 77, cfg.c_cond), jnp.float32)}
+        uncond, model_fn, config = cond, prior_model, {"depth": cfg.depth}
+    elif stage == "decoder":
+        cfg = wj.StageBConfig.v2()
+        if decoder_blocks:
+            cfg = dataclasses.replace(cfg, blocks=decoder_blocks)
+        module = wj.WuerstchenDiffNeXt(cfg, dtype=dt, param_dtype=dt, scan_blocks=scan)
+        steps, shape = 12, (hb, hb, cfg.c_in)
+        cond = {"effnet": sds((batch, h, h, cfg.effnet_embd), jnp.float32)}
+        cond["clip"] = sds((batch, 77, cfg.clip_embd), jnp.float32)
+        uncond, model_fn, config = None, decoder_model, {"blocks": list(cfg.blocks)}
+    else:
+        module = wj.PaellaVQModel(wj.StageAConfig.v2(), dtype=dt, param_dtype=dt)
+    variables = abstract_variables(module)
+    t0 = time.perf_counter()
+    if stage == "vqgan":
+        jitted = jax.jit(decode_images, static_argnames=("module",))
+        lowered = jitted.lower(variables, sds((batch, hb, hb, 4), jnp.float32), module=module)
+    else:
+        static = dict(module=module, model_fn=model_fn, sampler=DDPMWuerstchen())
+        jitted = jax.jit(run_loop, static_argnames=tuple(static))
+        f32 = jnp.float32
+        args = (sds((batch, *shape), f32), sds((steps + 1,), f32), sds((steps, batch, *shape), f32), cond, uncond)
+        lowered = jitted.lower(variables, *args, sds((), f32), None, **static)
+    t1 = time.perf_counter()
+    lowered.compile()
+    t2 = time.perf_counter()
+    return dict(
+        benchmark="scan_compile",
+        stage=stage,
+        mode="scan" if scan else "unrolled",
+        lower_s=round(t1 - t0, 2),
+        compile_s=round(t2 - t1, 2),
+        total_s=round(t2 - t0, 2),
+        resolution=res,
+        batch=batch,
+        dtype="bfloat16",
+        config=config,
+        device=jax.devices()[0].device_kind,
+        jax=jax.__version__,
+        date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    )
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", nargs="+", default=["prior", "decoder", "vqgan"], choices=("prior", "decoder", "vqgan"))
+    p.add_argument("--mode", nargs="+", default=["unrolled", "scan"], choices=("unrolled", "scan"))
+    p.add_argument("--res", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prior-depth", type=int, default=32, help="triples in the prior (v2: 32)")
+    p.add_argument("--decoder-blocks", type=int, nargs=4, help="repeats per decoder level (v2: 4 4 14 4)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results.jsonl"))
+    p.add_argument("--child", nargs=2, metavar=("STAGE", "MODE"), help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    blocks = tuple(a.decoder_blocks) if a.decoder_blocks else None
+    if a.child:
+        row = measure(a.child[0], a.child[1] == "scan", a.res, a.batch, a.prior_depth, blocks)
+        print(MARK + json.dumps(row), flush=True)
+        return
+    for stage in a.stage:
+        for mode in ("unrolled",) if stage == "vqgan" else a.mode:  # the VQGAN has no repeated-block option
+            cmd = [sys.executable, __file__, "--child", stage, mode, "--res", str(a.res), "--batch", str(a.batch)]
+            cmd += ["--prior-depth", str(a.prior_depth)] + (["--decoder-blocks", *map(str, blocks)] if blocks else [])
+            env = dict(os.environ, WURST_JAX_CACHE_DIR="off")
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            rows = [json.loads(line[len(MARK) :]) for line in proc.stdout.splitlines() if line.startswith(MARK)]
+            if not rows:
+                print(f"{stage} {mode}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
+                continue
+            print(json.dumps(rows[0]), flush=True)
+            with open(a.out, "a") as f:
+                f.write(json.dumps(rows[0]) + "\n")
+
+
+if __name__ == "__main__":
+    main()
