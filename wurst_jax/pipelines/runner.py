@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wurst_jax.lora.adapter import merge
 from wurst_jax.pipelines import random
 from wurst_jax.pipelines.components import Component
 from wurst_jax.pipelines.runtime import CompileCache
@@ -35,12 +36,17 @@ def run_loop(
     uncond: dict | None,
     guidance: jax.Array,
     x_init: jax.Array | None,
+    adapters: list | None = None,
     *,
     module: Any,
     model_fn: ModelFn,
     sampler: Sampler,
 ) -> jax.Array:
-    """The compiled body of a stage: `denoise_loop` over `model_fn`, guided when `uncond` is given."""
+    """The compiled body of a stage: `denoise_loop` over `model_fn`, guided when `uncond` is given. `adapters`
+    [(LoRA layers, scale)] are merged into the weights here, once per call: they are arguments, so new scales or
+    another adapter of the same shapes reuse the executable."""
+    if adapters:
+        variables = merge(variables, adapters)
     model = lambda x, r, c: model_fn(module, variables, x, r, c)  # noqa: E731
     if uncond is None:
         return denoise_loop(model, cond, sampler, timesteps, noise, step_noise, x_init)
@@ -63,6 +69,7 @@ class StageRunner:
     ):
         self.name, self.component, self.model_fn, self.sampler = name, component, model_fn, sampler
         self.plan, self.compiler, self.streams = plan, compiler, streams
+        self.adapters: Callable[[], list | None] = lambda: None  # unfused LoRA adapters (set by the pipeline)
 
     def __call__(
         self,
@@ -104,6 +111,7 @@ class StageRunner:
                 batch(uncond),
                 plan.replicated(np.float32(guidance)),
                 None if x_init is None else plan.batch(x_init),
+                self.adapters(),
                 detail=detail,
             )
 

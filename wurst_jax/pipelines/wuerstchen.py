@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from wurst_jax.lora.pipeline import LoraMixin
 from wurst_jax.pipelines import args, random
 from wurst_jax.pipelines.components import Component, load_pipeline_folder
 from wurst_jax.pipelines.outputs import ImagePipelineOutput, WuerstchenPriorPipelineOutput, to_pil
@@ -51,7 +52,7 @@ def _setup(mesh: Mesh | None, sharding: str | None, progress: bool, compiler: Co
     return ShardingPlan(mesh, sharding or "dp"), compiler or CompileCache(progress)
 
 
-class WuerstchenPriorPipeline:
+class WuerstchenPriorPipeline(LoraMixin):
     """Text → Stage C latents mapped for the decoder (`image_embeddings`), as diffusers' WuerstchenPriorPipeline."""
 
     def __init__(
@@ -81,6 +82,11 @@ class WuerstchenPriorPipeline:
             (random.Stream.PRIOR_LATENTS, random.Stream.PRIOR_STEPS),
         )
         self.latent_mean, self.latent_std, self.resolution_multiple = latent_mean, latent_std, resolution_multiple
+        self.runner.adapters = lambda: self._lora()["prior"].loop_adapters()
+
+    def _lora_components(self) -> dict:
+        """LoRA file prefixes (diffusers' `_lora_loadable_modules`) → (component, applied inside the loop)."""
+        return {"prior": (self.prior, True), "text_encoder": (self.text.encoder, False)}
 
     @classmethod
     def from_pretrained(
@@ -326,11 +332,14 @@ class WuerstchenDecoderPipeline:
         return ImagePipelineOutput(to_pil(images) if output_type == "pil" else images)
 
 
-class WuerstchenPipeline:
+class WuerstchenPipeline(LoraMixin):
     """Text → images: the prior and the decoder pipelines in sequence (diffusers' WuerstchenCombinedPipeline)."""
 
     def __init__(self, prior_pipe: WuerstchenPriorPipeline, decoder_pipe: WuerstchenDecoderPipeline):
         self.prior_pipe, self.decoder_pipe = prior_pipe, decoder_pipe
+
+    def _lora(self) -> dict:  # the prior pipeline's adapters are the combined pipeline's
+        return self.prior_pipe._lora()
 
     @classmethod
     def from_pretrained(
