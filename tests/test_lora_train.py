@@ -94,3 +94,23 @@ def test_exported_adapter_loads_back_here_and_in_diffusers(trained):
     with torch.no_grad():
         theirs = nhwc(pipe.prior(nchw(x), r=torch.from_numpy(r), c=torch.from_numpy(c)))
     assert rel_err(theirs, want) < 1e-4
+
+
+def test_cli_lora_finetune_writes_a_loadable_adapter(tiny_checkpoints, tmp_path, capsys):
+    from test_finetune import config, prior_shard
+
+    from wurst_jax.cli import main
+
+    _, prior_dir, _ = tiny_checkpoints
+    prior_shard(tmp_path / "data" / "shard-000.npz")
+    cfg = config(tmp_path, prior_dir, tmp_path / "data", c={"steps": 3}, lr=3e-3, ema_decay=0.0, cond_dropout=0.0)
+    assert main(["train", "--stage", "c", "--config", cfg, "--lora-rank", "2", "--lora-targets", "all-linear"]) == 0
+    out = tmp_path / "out"
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and not (out / "prior").exists()
+    pipe = wj.WuerstchenPriorPipeline.from_pretrained(prior_dir, progress=False)
+    pipe.load_lora_weights(out, adapter_name="trained")
+    layers = pipe._lora()["prior"].adapters["trained"].layers
+    assert len(layers) > 4 * 2 and all(ab["down"].shape[1] == 2 for ab in layers.values())  # beyond attention
+    capsys.readouterr()
+    assert main(["train", "--stage", "b", "--config", cfg, "--lora-rank", "2"]) == 2
+    assert "'lora_rank' trains a LoRA of the prior" in capsys.readouterr().err

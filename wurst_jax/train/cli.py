@@ -48,11 +48,25 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         help="JSON run config (e.g. wurst_jax/train/configs/tiny.json, or finetune_prior.json to fine-tune)",
     )
     p.add_argument("--export", metavar="DIR", help="write DIR/wuerstchen and DIR/wuerstchen-prior (bf16 safetensors)")
+    add_lora_flags(p)
     p.add_argument(
         "--cache-dir",
         metavar="DIR",
         help="persistent compilation cache: a resumed or repeated run skips compiling the train step again",
     )
+
+
+def add_lora_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lora-rank", type=int, metavar="R", help="fine-tune a LoRA of rank R (stage c) instead of all weights"
+    )
+    p.add_argument("--lora-targets", choices=("attention", "all-linear"), help="the layers the LoRA adapts")
+
+
+def with_lora_flags(raw: dict, args: argparse.Namespace) -> dict:
+    """The config with --lora-rank / --lora-targets on top (checked with the rest by `finetune_config`)."""
+    flags = {"lora_rank": args.lora_rank, "lora_targets": args.lora_targets}
+    return {**raw, **{k: v for k, v in flags.items() if v is not None}}
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -63,6 +77,7 @@ def run_train(args: argparse.Namespace) -> int:
     if is_finetune(raw):
         if args.export:
             raise ValueError("--export is for the tiny model; a fine-tune writes its pipeline folder to 'out'")
+        raw = with_lora_flags(raw, args)
         cfg = finetune_config(raw, args.stage, args.config)
         _compilation_cache(args)
         from wurst_jax.train.finetune import finetune
@@ -70,6 +85,8 @@ def run_train(args: argparse.Namespace) -> int:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         finetune(cfg)
         return 0
+    if args.lora_rank is not None:
+        raise ValueError("--lora-rank fine-tunes a checkpoint: pass a config with 'init' and 'data'")
     if not args.stage and not args.export:
         raise ValueError("nothing to do: pass --stage and/or --export")
     tiny = tiny_run_config(raw, args.stage, args.config)
