@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from wurst_jax.lora.pipeline import LoraMixin
-from wurst_jax.pipelines import args, random
+from wurst_jax.pipelines import args, image_to_image, random
 from wurst_jax.pipelines.components import Component, load_pipeline_folder
 from wurst_jax.pipelines.outputs import ImagePipelineOutput, WuerstchenPriorPipelineOutput, to_pil
 from wurst_jax.pipelines.runner import StageRunner
@@ -83,6 +83,12 @@ class WuerstchenPriorPipeline(LoraMixin):
         )
         self.latent_mean, self.latent_std, self.resolution_multiple = latent_mean, latent_std, resolution_multiple
         self.runner.adapters = lambda: self._lora()["prior"].loop_adapters()
+        self.effnet: Component | None = None  # the EfficientNet encoder, for image-to-image (`load_effnet`)
+
+    def load_effnet(self, path: Any, dtype: Any = jnp.float32) -> None:
+        """The semantic encoder image-to-image encodes with: a folder `load_component` reads (e.g. converted from
+        `model_v2_stage_b.pt` with `wurst-jax convert ... --stage effnet`), or (module, variables)."""
+        self.effnet = image_to_image.load_effnet(path, dtype)
 
     def _lora_components(self) -> dict:
         """LoRA file prefixes (diffusers' `_lora_loadable_modules`) → (component, applied inside the loop)."""
@@ -166,9 +172,13 @@ class WuerstchenPriorPipeline(LoraMixin):
         latents: Any = None,
         output_type: str = "np",
         step_noise: Any = None,
+        image: Any = None,
+        strength: float = 1.0,
     ) -> WuerstchenPriorPipelineOutput:
         """`step_noise` [S, N, h, w, C] replaces the per-step noise drawn from `seed` (for exact replays).
-        `output_type` "np" (host), "jax" (a device array)."""
+        `output_type` "np" (host), "jax" (a device array). Image-to-image: `image` (PIL, array [H, W, 3] or
+        [B, H, W, 3], or a list; one for all prompts, or one per prompt/image) is encoded by `self.effnet`
+        (`load_effnet`), noised to t = `strength` and denoised over the remaining steps (`image_to_image.py`)."""
         emb, n = self._embeddings(
             prompt, height, width, num_inference_steps, timesteps, guidance_scale, negative_prompt, prompt_embeds,
             negative_prompt_embeds, num_images_per_prompt, seed, latents, step_noise,
@@ -181,7 +191,8 @@ class WuerstchenPriorPipeline(LoraMixin):
 
     def _embeddings(
         self, prompt, height, width, num_inference_steps, timesteps, guidance_scale, negative_prompt, prompt_embeds,
-        negative_prompt_embeds, num_images_per_prompt, seed, latents, step_noise, output_type="np",
+        negative_prompt_embeds, num_images_per_prompt, seed, latents, step_noise, output_type="np", image=None,
+        strength=1.0,
     ) -> tuple[jax.Array, int]:  # fmt: skip
         """(image_embeddings [padded N, h, w, C] on the device, N)."""
         if (prompt is None) == (prompt_embeds is None):
@@ -190,9 +201,18 @@ class WuerstchenPriorPipeline(LoraMixin):
             raise ValueError("pass at most one of `negative_prompt` and `negative_prompt_embeds`")
         n_per = args.check_int("num_images_per_prompt", num_images_per_prompt)
         w = args.check_guidance("guidance_scale", guidance_scale)
-        ts = args.schedule(self.scheduler, "num_inference_steps", num_inference_steps, timesteps)
+        strength = image_to_image.check_strength(strength, image)
+        if image is not None and strength < 1.0:
+            ts = image_to_image.schedule(self.scheduler, num_inference_steps, timesteps, strength)
+        else:  # strength 1: the image is noise only, exactly text-to-image
+            ts = args.schedule(self.scheduler, "num_inference_steps", num_inference_steps, timesteps)
         h, wd = self.latent_size(height, width)
         cond, uncond = self.encode_prompt(prompt, negative_prompt, n_per, w > 1, prompt_embeds, negative_prompt_embeds)
+        x_init = None
+        if image is not None and strength < 1.0:
+            emb = image_to_image.encode_images(self, image, (h, wd))
+            cond, uncond, x_init = image_to_image.pair(cond, uncond, emb, n_per)
+            x_init = (x_init + self.latent_std) / self.latent_mean  # the prior's space (its output maps back)
         n = cond.shape[0]
         out = self.runner(
             n,
@@ -204,6 +224,7 @@ class WuerstchenPriorPipeline(LoraMixin):
             seed,
             latents,
             step_noise,
+            x_init,
         )
         return out * self.latent_mean - self.latent_std, n
 
@@ -341,6 +362,10 @@ class WuerstchenPipeline(LoraMixin):
     def _lora(self) -> dict:  # the prior pipeline's adapters are the combined pipeline's
         return self.prior_pipe._lora()
 
+    def load_effnet(self, path: Any, dtype: Any = jnp.float32) -> None:
+        """The EfficientNet encoder for image-to-image (`image=`, `strength=`): see the prior pipeline's."""
+        self.prior_pipe.load_effnet(path, dtype)
+
     @classmethod
     def from_pretrained(
         cls,
@@ -384,6 +409,8 @@ class WuerstchenPipeline(LoraMixin):
         decoder_latents: Any = None,
         prior_step_noise: Any = None,
         decoder_step_noise: Any = None,
+        image: Any = None,
+        strength: float = 1.0,
     ) -> ImagePipelineOutput:
         """Arguments and defaults as diffusers' WuerstchenCombinedPipeline, with `seed` for generators.
 
@@ -401,7 +428,8 @@ class WuerstchenPipeline(LoraMixin):
         seed = seed if seed is not None else random.fresh_seed()
         emb, n = self.prior_pipe._embeddings(
             prompts, height, width, prior_num_inference_steps, prior_timesteps, prior_guidance_scale, negative_prompt,
-            prompt_embeds, negative_prompt_embeds, num_images_per_prompt, seed, latents, prior_step_noise,
+            prompt_embeds, negative_prompt_embeds, num_images_per_prompt, seed, latents, prior_step_noise, "np", image,
+            strength,
         )  # fmt: skip
         return self.decoder_pipe._decode(
             emb, n, prompts or "", num_inference_steps, decoder_timesteps, decoder_guidance_scale, negative_prompt, 1,
