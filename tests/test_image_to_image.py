@@ -1,5 +1,7 @@
 """Image-to-image on the Würstchen v2 prior pipeline (tiny checkpoints, a tiny random EfficientNet encoder)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,7 @@ SIZE = 128  # → a 3×3 prior grid, the image seen at 96² by the encoder
 def pipe(tiny_checkpoints):
     _, prior_dir, _ = tiny_checkpoints
     pipe = wj.WuerstchenPriorPipeline.from_pretrained(prior_dir, progress=False)
-    module = wj.EfficientNetEncoder(wj.EfficientNetConfig.tiny())
+    module = wj.EfficientNetEncoder(dataclasses.replace(wj.EfficientNetConfig.tiny(), c_latent=16))
     variables = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.zeros((1, 96, 96, 3)))
     variables = {k: wj_unbox(v) for k, v in variables.items()}
     pipe.load_effnet((module, variables))
@@ -47,17 +49,16 @@ def test_small_strength_returns_the_encoding_and_distance_grows(pipe, images):
     eff = pipe.effnet
     want = np.asarray(encode(eff.module, eff.variables, images[:1], (96, 96)))
     dist = [np.abs(run(pipe, image=images[0], strength=s) - want).mean() for s in (1e-4, 0.3, 0.6, 1.0)]
-    assert dist[0] < 1e-2 * np.abs(want).mean(), dist
-    assert dist == sorted(dist) and dist[-1] > 10 * dist[0], dist
+    assert dist[0] < 1e-2 * dist[-1], dist  # ≈ the encoding (text-to-image lands far from it)
+    assert dist == sorted(dist), dist
 
 
 def test_batches_of_prompts_and_images(pipe, images):
     one = run(pipe, ["a cat", "a dog"], image=images[0], strength=0.5)
     assert one.shape == (2, 3, 3, 16)
-    many = run(pipe, "a cat", image=list(images), strength=0.5, num_images_per_prompt=2)
-    assert many.shape == (4, 3, 3, 16)
-    # image 0 vs image 1 start points differ, so do the results
-    assert not np.allclose(many[0], many[2])
+    many = run(pipe, "a cat", image=list(images), strength=0.5)
+    assert many.shape == (2, 3, 3, 16)
+    assert not np.allclose(many[0], many[1])  # image 0 and image 1 start apart and end apart
     with pytest.raises(ValueError, match="strength"):
         run(pipe, strength=0.5)
     with pytest.raises(ValueError, match="3 images for 2 prompts"):

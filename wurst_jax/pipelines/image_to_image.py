@@ -74,6 +74,9 @@ def encode_images(pipe: Any, image: Any, grid: tuple[int, int]) -> np.ndarray:
     size = (grid[0] * DOWNSCALE, grid[1] * DOWNSCALE)
     with pipe.effnet.on_device() as variables:
         out = pipe.compiler("effnet", _encode, {"module": pipe.effnet.module, "size": size}, variables, images)
+    c = pipe.prior.module.config.c_in
+    if out.shape[-1] != c:
+        raise ValueError(f"the EfficientNet encoder gives {out.shape[-1]} channels, the prior works on {c}")
     return np.asarray(jax.device_get(out), np.float32)
 
 

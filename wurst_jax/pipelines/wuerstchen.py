@@ -182,7 +182,7 @@ class WuerstchenPriorPipeline(LoraMixin):
         emb, n = self._embeddings(
             prompt, height, width, num_inference_steps, timesteps, guidance_scale, negative_prompt, prompt_embeds,
             negative_prompt_embeds, num_images_per_prompt, seed, latents, step_noise,
-            args.check_output_type(output_type, ("np", "jax")),
+            args.check_output_type(output_type, ("np", "jax")), image, strength,
         )  # fmt: skip
         if output_type == "np":
             return WuerstchenPriorPipelineOutput(self.plan.host(emb)[:n])
