@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wurst_jax.lora.adapter import merge
 from wurst_jax.pipelines import random
 from wurst_jax.pipelines.components import Component
 from wurst_jax.pipelines.runtime import CompileCache
@@ -42,17 +43,22 @@ def run_loop(
     uncond: dict | None,
     guidance: jax.Array,
     x_init: jax.Array | None,
+    adapters: list | None = None,
     *,
     module: Any,
     model_fn: ModelFn,
     sampler: Sampler,
 ) -> jax.Array:
-    """The compiled body of a stage: `denoise_loop` over `model_fn`, guided when `uncond` is given."""
+    """The compiled body of a stage: `denoise_loop` over `model_fn`, guided when `uncond` is given. `adapters`
+    [(LoRA layers, scale)] are merged into the weights here, once per call: they are arguments, so new scales or
+    another adapter of the same shapes reuse the executable."""
     streamed = set(getattr(module, "streamed_names", tuple)())
     if streamed:  # sequential offload: all but the streamed blocks to the device once, before the loop
         to_device = lambda tree: jax.device_put(tree, jax.memory.Space.Device)  # noqa: E731
         params = {k: v if k in streamed else to_device(v) for k, v in variables["params"].items()}
         variables = {**{k: to_device(v) for k, v in variables.items() if k != "params"}, "params": params}
+    if adapters:
+        variables = merge(variables, adapters)
     model = lambda x, r, c: model_fn(module, variables, x, r, c)  # noqa: E731
     if uncond is None:
         return denoise_loop(model, cond, sampler, timesteps, noise, step_noise, x_init)
@@ -87,6 +93,7 @@ class StageRunner:
         if getattr(self.component, "streams", False):  # sequential offload (components.Component)
             module = module.clone(stream_blocks=True)
         return module
+        self.adapters: Callable[[], list | None] = lambda: None  # unfused LoRA adapters (set by the pipeline)
 
     def __call__(
         self,
@@ -128,6 +135,7 @@ class StageRunner:
                 batch(uncond),
                 plan.replicated(np.float32(guidance)),
                 None if x_init is None else plan.batch(x_init),
+                self.adapters(),
                 detail=detail,
             )
 

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from wurst_jax.pipelines import args, random
+from wurst_jax.lora.pipeline import LoraMixin
+from wurst_jax.pipelines import args, image_to_image, random
 from wurst_jax.pipelines.components import Component, load_pipeline_folder
 from wurst_jax.pipelines.outputs import ImagePipelineOutput, WuerstchenPriorPipelineOutput, to_pil
 from wurst_jax.pipelines.runner import StageRunner, decode_images, setup_plan
@@ -40,7 +41,7 @@ def decoder_model(module, variables, x, r, cond):
     return module.apply(variables, x, r, cond["effnet"], cond["clip"])
 
 
-class WuerstchenPriorPipeline:
+class WuerstchenPriorPipeline(LoraMixin):
     """Text → Stage C latents mapped for the decoder (`image_embeddings`), as diffusers' WuerstchenPriorPipeline."""
 
     def __init__(
@@ -70,6 +71,17 @@ class WuerstchenPriorPipeline:
             (random.Stream.PRIOR_LATENTS, random.Stream.PRIOR_STEPS),
         )
         self.latent_mean, self.latent_std, self.resolution_multiple = latent_mean, latent_std, resolution_multiple
+        self.runner.adapters = lambda: self._lora()["prior"].loop_adapters()
+        self.effnet: Component | None = None  # the EfficientNet encoder, for image-to-image (`load_effnet`)
+
+    def load_effnet(self, path: Any, dtype: Any = jnp.float32) -> None:
+        """The semantic encoder image-to-image encodes with: a folder `load_component` reads (e.g. converted from
+        `model_v2_stage_b.pt` with `wurst-jax convert ... --stage effnet`), or (module, variables)."""
+        self.effnet = image_to_image.load_effnet(path, dtype)
+
+    def _lora_components(self) -> dict:
+        """LoRA file prefixes (diffusers' `_lora_loadable_modules`) → (component, applied inside the loop)."""
+        return {"prior": (self.prior, True), "text_encoder": (self.text.encoder, False)}
 
     @classmethod
     def from_pretrained(
@@ -145,13 +157,17 @@ class WuerstchenPriorPipeline:
         latents: Any = None,
         output_type: str = "np",
         step_noise: Any = None,
+        image: Any = None,
+        strength: float = 1.0,
     ) -> WuerstchenPriorPipelineOutput:
         """`step_noise` [S, N, h, w, C] replaces the per-step noise drawn from `seed` (for exact replays).
-        `output_type` "np" (host), "jax" (a device array)."""
+        `output_type` "np" (host), "jax" (a device array). Image-to-image: `image` (PIL, array [H, W, 3] or
+        [B, H, W, 3], or a list; one for all prompts, or one per prompt/image) is encoded by `self.effnet`
+        (`load_effnet`), noised to t = `strength` and denoised over the remaining steps (`image_to_image.py`)."""
         emb, n = self._embeddings(
             prompt, height, width, num_inference_steps, timesteps, guidance_scale, negative_prompt, prompt_embeds,
             negative_prompt_embeds, num_images_per_prompt, seed, latents, step_noise,
-            args.check_output_type(output_type, ("np", "jax")),
+            args.check_output_type(output_type, ("np", "jax")), image, strength,
         )  # fmt: skip
         if output_type == "np":
             return WuerstchenPriorPipelineOutput(self.plan.host(emb)[:n])
@@ -160,7 +176,8 @@ class WuerstchenPriorPipeline:
 
     def _embeddings(
         self, prompt, height, width, num_inference_steps, timesteps, guidance_scale, negative_prompt, prompt_embeds,
-        negative_prompt_embeds, num_images_per_prompt, seed, latents, step_noise, output_type="np",
+        negative_prompt_embeds, num_images_per_prompt, seed, latents, step_noise, output_type="np", image=None,
+        strength=1.0,
     ) -> tuple[jax.Array, int]:  # fmt: skip
         """(image_embeddings [padded N, h, w, C] on the device, N)."""
         if (prompt is None) == (prompt_embeds is None):
@@ -169,9 +186,18 @@ class WuerstchenPriorPipeline:
             raise ValueError("pass at most one of `negative_prompt` and `negative_prompt_embeds`")
         n_per = args.check_int("num_images_per_prompt", num_images_per_prompt)
         w = args.check_guidance("guidance_scale", guidance_scale)
-        ts = args.schedule(self.scheduler, "num_inference_steps", num_inference_steps, timesteps)
+        strength = image_to_image.check_strength(strength, image)
+        if image is not None and strength < 1.0:
+            ts = image_to_image.schedule(self.scheduler, num_inference_steps, timesteps, strength)
+        else:  # strength 1: the image is noise only, exactly text-to-image
+            ts = args.schedule(self.scheduler, "num_inference_steps", num_inference_steps, timesteps)
         h, wd = self.latent_size(height, width)
         cond, uncond = self.encode_prompt(prompt, negative_prompt, n_per, w > 1, prompt_embeds, negative_prompt_embeds)
+        x_init = None
+        if image is not None and strength < 1.0:
+            emb = image_to_image.encode_images(self, image, (h, wd))
+            cond, uncond, x_init = image_to_image.pair(cond, uncond, emb, n_per)
+            x_init = (x_init + self.latent_std) / self.latent_mean  # the prior's space (its output maps back)
         n = cond.shape[0]
         out = self.runner(
             n,
@@ -183,6 +209,7 @@ class WuerstchenPriorPipeline:
             seed,
             latents,
             step_noise,
+            x_init,
         )
         return out * self.latent_mean - self.latent_std, n
 
@@ -312,11 +339,18 @@ class WuerstchenDecoderPipeline:
         return ImagePipelineOutput(to_pil(images) if output_type == "pil" else images)
 
 
-class WuerstchenPipeline:
+class WuerstchenPipeline(LoraMixin):
     """Text → images: the prior and the decoder pipelines in sequence (diffusers' WuerstchenCombinedPipeline)."""
 
     def __init__(self, prior_pipe: WuerstchenPriorPipeline, decoder_pipe: WuerstchenDecoderPipeline):
         self.prior_pipe, self.decoder_pipe = prior_pipe, decoder_pipe
+
+    def _lora(self) -> dict:  # the prior pipeline's adapters are the combined pipeline's
+        return self.prior_pipe._lora()
+
+    def load_effnet(self, path: Any, dtype: Any = jnp.float32) -> None:
+        """The EfficientNet encoder for image-to-image (`image=`, `strength=`): see the prior pipeline's."""
+        self.prior_pipe.load_effnet(path, dtype)
 
     @classmethod
     def from_pretrained(
@@ -361,6 +395,8 @@ class WuerstchenPipeline:
         decoder_latents: Any = None,
         prior_step_noise: Any = None,
         decoder_step_noise: Any = None,
+        image: Any = None,
+        strength: float = 1.0,
     ) -> ImagePipelineOutput:
         """Arguments and defaults as diffusers' WuerstchenCombinedPipeline, with `seed` for generators.
 
@@ -378,7 +414,8 @@ class WuerstchenPipeline:
         seed = seed if seed is not None else random.fresh_seed()
         emb, n = self.prior_pipe._embeddings(
             prompts, height, width, prior_num_inference_steps, prior_timesteps, prior_guidance_scale, negative_prompt,
-            prompt_embeds, negative_prompt_embeds, num_images_per_prompt, seed, latents, prior_step_noise,
+            prompt_embeds, negative_prompt_embeds, num_images_per_prompt, seed, latents, prior_step_noise, "np", image,
+            strength,
         )  # fmt: skip
         return self.decoder_pipe._decode(
             emb, n, prompts or "", num_inference_steps, decoder_timesteps, decoder_guidance_scale, negative_prompt, 1,

@@ -48,6 +48,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         help="JSON run config (e.g. wurst_jax/train/configs/tiny.json, or finetune_prior.json to fine-tune)",
     )
     p.add_argument("--export", metavar="DIR", help="write DIR/wuerstchen and DIR/wuerstchen-prior (bf16 safetensors)")
+    add_lora_flags(p)
     p.add_argument(
         "--cache-dir",
         metavar="DIR",
@@ -55,6 +56,19 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         "(default: $WURST_JAX_CACHE_DIR, else $XDG_CACHE_HOME or ~/.cache, /wurst_jax/jax)",
     )
     p.add_argument("--no-cache", action="store_true", help="no persistent compilation cache")
+
+
+def add_lora_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lora-rank", type=int, metavar="R", help="fine-tune a LoRA of rank R (stage c) instead of all weights"
+    )
+    p.add_argument("--lora-targets", choices=("attention", "all-linear"), help="the layers the LoRA adapts")
+
+
+def with_lora_flags(raw: dict, args: argparse.Namespace) -> dict:
+    """The config with --lora-rank / --lora-targets on top (checked with the rest by `finetune_config`)."""
+    flags = {"lora_rank": args.lora_rank, "lora_targets": args.lora_targets}
+    return {**raw, **{k: v for k, v in flags.items() if v is not None}}
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -65,6 +79,7 @@ def run_train(args: argparse.Namespace) -> int:
     if is_finetune(raw):
         if args.export:
             raise ValueError("--export is for the tiny model; a fine-tune writes its pipeline folder to 'out'")
+        raw = with_lora_flags(raw, args)
         cfg = finetune_config(raw, args.stage, args.config)
         _compilation_cache(args)
         from wurst_jax.train.finetune import finetune
@@ -72,6 +87,8 @@ def run_train(args: argparse.Namespace) -> int:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         finetune(cfg)
         return 0
+    if args.lora_rank is not None:
+        raise ValueError("--lora-rank fine-tunes a checkpoint: pass a config with 'init' and 'data'")
     if not args.stage and not args.export:
         raise ValueError("nothing to do: pass --stage and/or --export")
     tiny = tiny_run_config(raw, args.stage, args.config)

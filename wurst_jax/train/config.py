@@ -21,7 +21,7 @@ from typing import Any
 
 TINY_STAGES = ("a", "a-decoder", "b", "c")
 FINETUNE_STAGES = ("a", "b", "c")
-FINETUNE_KEYS = ("init", "data", "dtype", "save_dtype", "sharding", "scan_blocks", "remat")
+FINETUNE_KEYS = ("init", "data", "dtype", "save_dtype", "sharding", "scan_blocks", "remat", "lora_rank", "lora_targets")
 BLOCK_OPTIONS = ("scan_blocks", "remat")  # execution options of the prior and the decoder: stages c and b
 DTYPES = ("float32", "bfloat16")
 WEIGHTINGS = ("p2", "v")  # objectives.WEIGHTINGS (not imported: this file needs no jax)
@@ -69,6 +69,8 @@ class FinetuneConfig:
     sharding: str | None = None  # "dp" or "fsdp" over all devices; None: one device
     scan_blocks: bool = False  # stages c, b: repeated blocks as one lax.scan (one repeat compiled)
     remat: bool = False  # stages c, b: recompute each repeat in the backward pass (less activation memory)
+    lora_rank: int | None = None  # stage c: train a LoRA of this rank only, saved as a diffusers/PEFT file
+    lora_targets: str = "attention"  # "attention" (to_q/to_k/to_v/to_out.0) or "all-linear"
 
 
 # ---------------------------------------------------------------- value checks: a message, or None when fine
@@ -142,6 +144,8 @@ FINETUNE_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "sharding": optional(one_of("dp", "fsdp")),
     "scan_blocks": _boolean,
     "remat": _boolean,
+    "lora_rank": optional(integer(1)),
+    "lora_targets": one_of("attention", "all-linear"),
 }
 TINY_CHECKS: dict[str, Callable[[Any], str | None]] = {"size": integer(8)}
 
@@ -255,6 +259,10 @@ def finetune_config(raw: dict, stage: str | None, name: str = "config") -> Finet
     for key in BLOCK_OPTIONS:
         if merged.get(key) and stage == "a":
             raise ValueError(f"{name}: {key!r} is an option of the prior and the decoder (stages c, b), not stage a")
+    if merged.get("lora_rank") and stage != "c":
+        raise ValueError(f"{name}: 'lora_rank' trains a LoRA of the prior (stage c), not stage {stage}")
+    if merged.get("lora_rank") and merged.get("sharding"):
+        raise ValueError(f"{name}: LoRA training runs on one device for now; drop 'sharding' or 'lora_rank'")
     out = _out(raw, name)
     out_dir, init = Path(out).resolve(), Path(merged["init"]).resolve()
     if out_dir == init or init in out_dir.parents:

@@ -170,7 +170,15 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
         empty_clip = np.asarray(jax.jit(text.apply)(text_vars, *caption_tokens(tokenizer, [""])), np.float32)
 
     loss = objectives.component_loss(stage, module, empty_clip, run.cond_dropout, run.loss_weighting)
-    setup = build_train_setup(loss, variables, run, module=module, mesh=mesh, mode=cfg.sharding or "dp")
+    trainable: Any = True
+    if cfg.lora_rank:  # adapter leaves beside the frozen kernels; only they train (and sit in the optimizer)
+        from wurst_jax.lora.train import add_lora, is_lora, lora_loss
+
+        variables = {"params": add_lora(variables["params"], cfg.lora_rank, cfg.lora_targets, run.seed)}
+        loss, trainable = lora_loss(loss), is_lora
+    setup = build_train_setup(
+        loss, variables, run, module=module, mesh=mesh, mode=cfg.sharding or "dp", trainable=trainable
+    )
     state = setup.state
     del variables, parts[COMPONENT[stage]]  # the state holds the trained weights now
     ckpts = Checkpoints(out / f"ckpt_{stage}")
@@ -201,6 +209,13 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
         run.max_seconds,
     )
 
+    if cfg.lora_rank:
+        from wurst_jax.lora import write_lora_file
+        from wurst_jax.lora.train import adapter_of
+
+        path = write_lora_file(out, {"prior": adapter_of(merge_params(state.ema, state.frozen))})
+        log(f"stage c: wrote the LoRA (EMA, rank {cfg.lora_rank}, {cfg.lora_targets}) to {path}")
+        return out
     trained = {"params": merge_params(state.ema, state.frozen)}  # the EMA of what trained, the rest as it was
     trained.update({"batch_stats": state.batch_stats} if stage == "a" else {})
     write_pipeline(root, out, COMPONENT[stage], module, trained, _DTYPES[cfg.save_dtype])

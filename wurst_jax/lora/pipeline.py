@@ -1,0 +1,124 @@
+"""LoRA methods for pipelines, with diffusers' names: `load_lora_weights`, `set_adapters`, `fuse_lora`,
+`unfuse_lora`, `unload_lora_weights`, `get_active_adapters`.
+
+Unfused adapters live beside the frozen weights and go into the stage's compiled loop as arguments (all loaded
+adapters, inactive ones at scale 0), so loading the first set compiles once and later `set_adapters` calls,
+rescaling and switching reuse the executable. The text encoder runs once per prompt: its adapters are merged into
+a copy of its weights whenever they change (same shapes, no recompilation either). `fuse_lora` merges the current
+prior adapters into the prior's weights (no per-step cost); `unfuse_lora` restores the weights kept aside.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from wurst_jax.lora.adapter import LoraAdapter, apply_adapters
+from wurst_jax.lora.peft_format import LoraError, read_lora_file
+
+
+class LoraTarget:
+    """One LoRA-able component of a pipeline: its `Component`, its adapters and the weights kept aside."""
+
+    def __init__(self, component: Any, in_loop: bool):
+        self.component, self.in_loop = component, in_loop
+        self.adapters: dict[str, LoraAdapter] = {}
+        self.base = None  # the un-adapted variables while something is merged into component.variables
+        self.fused = False
+
+    def shapes(self) -> Any:
+        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._base())
+
+    def _base(self) -> Any:
+        return self.component.variables if self.base is None else self.base
+
+    def loop_adapters(self) -> list | None:
+        """(layers, scale) for the compiled loop: None when nothing is loaded or everything is fused."""
+        if not self.in_loop or self.fused or not self.adapters:
+            return None
+        return [(a.layers, jax.numpy.float32(a.scale)) for a in self.adapters.values()]
+
+    def refresh(self) -> None:
+        """Re-merge where merging is how this component applies adapters (text encoder; fused prior)."""
+        if self.in_loop and not self.fused:
+            self.restore()
+            return
+        base = self._base()
+        active = [a for a in self.adapters.values() if a.scale != 0]
+        if not active:
+            self.restore()
+            return
+        self.base = base
+        merged = apply_adapters(base, active)
+        self.component.variables = jax.device_get(merged) if self.component.offload else merged
+
+    def restore(self) -> None:
+        if self.base is not None:
+            self.component.variables, self.base = self.base, None
+
+
+class LoraMixin:
+    """Pipelines that define `_lora_components()` → {file prefix: (Component, applied in the compiled loop)}."""
+
+    def _lora(self) -> dict[str, LoraTarget]:
+        if not hasattr(self, "_lora_targets"):
+            self._lora_targets = {k: LoraTarget(c, loop) for k, (c, loop) in self._lora_components().items()}
+        return self._lora_targets
+
+    def load_lora_weights(self, path: Any, adapter_name: str | None = None, scale: float = 1.0) -> None:
+        """Add the adapters of a diffusers/PEFT LoRA file (or a folder with `pytorch_lora_weights.safetensors`)
+        under `adapter_name` (default `default_<n>`), active at `scale`. Bad files raise `LoraError`, unapplied."""
+        targets = self._lora()
+        names = {n for t in targets.values() for n in t.adapters}
+        name = adapter_name or f"default_{len(names)}"
+        if name in names:
+            raise LoraError(f"adapter name {name!r} is already loaded; unload it or pick another name")
+        layers = read_lora_file(path, {k: t.shapes() for k, t in targets.items()})
+        for prefix, adapter in layers.items():
+            targets[prefix].adapters[name] = LoraAdapter(name, adapter, float(scale))
+            targets[prefix].refresh()
+
+    def get_active_adapters(self) -> dict[str, float]:
+        return {n: a.scale for t in self._lora().values() for n, a in t.adapters.items() if a.scale != 0}
+
+    def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None):
+        """Activate these adapters at these scales (default 1); every other loaded adapter goes to scale 0."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        weights = adapter_weights if adapter_weights is not None else 1.0
+        weights = [weights] * len(names) if isinstance(weights, (int, float)) else list(weights)
+        if len(weights) != len(names):
+            raise ValueError(f"{len(names)} adapter names but {len(weights)} adapter weights")
+        loaded = {n for t in self._lora().values() for n in t.adapters}
+        unknown = sorted(set(names) - loaded)
+        if unknown:
+            raise LoraError(f"unknown adapter(s) {unknown}; loaded: {sorted(loaded)}")
+        scales = dict(zip(names, weights, strict=True))
+        for t in self._lora().values():
+            for n, a in t.adapters.items():
+                a.scale = float(scales.get(n, 0.0))
+            t.refresh()
+
+    def fuse_lora(self) -> None:
+        """Merge the active adapters into the weights: no per-step cost until `unfuse_lora`."""
+        for t in self._lora().values():
+            t.fused = True
+            t.refresh()
+
+    def unfuse_lora(self) -> None:
+        """Back to the original weights, adapters applied unfused again."""
+        for t in self._lora().values():
+            t.fused = False
+            t.restore()
+            t.refresh()
+
+    def unload_lora_weights(self, adapter_name: str | None = None) -> None:
+        """Drop one adapter (or all) and restore the original weights where nothing is left."""
+        for t in self._lora().values():
+            if adapter_name is None:
+                t.adapters.clear()
+            else:
+                t.adapters.pop(adapter_name, None)
+            t.restore()
+            t.fused = t.fused and bool(t.adapters)
+            t.refresh()
