@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from wurst_jax.cli.control import add_control_arguments, control_options
 from wurst_jax.dtypes import DTYPES
 from wurst_jax.samplers import DEFAULT_STAGE_C_TIMESTEPS
 from wurst_jax.serving.batch import add_batch_arguments, run_batch
@@ -78,6 +79,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-processes", type=int, help="multi-host: number of processes (with --coordinator)")
     p.add_argument("--process-id", type=int, help="multi-host: this process's index (with --coordinator)")
     add_batch_arguments(p)
+    add_control_arguments(p)
 
 
 TINY_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny"
@@ -110,6 +112,7 @@ def generate(args: argparse.Namespace) -> int:
     cascade = args.model is not None and is_stable_cascade(Path(args.model))
     if args.image and not cascade:
         raise ValueError("--image (image variation) needs a Stable Cascade --model (model_index.json StableCascade*)")
+    control_load, control_call = control_options(args, cascade)  # checked before anything is loaded
     if args.prompts or args.out_dir:  # many prompts from a file: wurst_jax/serving/batch.py
         if cascade:
             raise ValueError("batch generation (--prompts) runs Würstchen v2 models only; give one PROMPT")
@@ -144,7 +147,7 @@ def generate(args: argparse.Namespace) -> int:
     if cascade:
         images = [_open_image(f) for f in args.image or ()]
         pipe = wj.StableCascadeCombinedPipeline.from_pretrained(
-            decoder=args.model, prior=args.prior, sharding=args.sharding, **opts
+            decoder=args.model, prior=args.prior, sharding=args.sharding, **opts, **control_load
         )
         images = pipe(
             args.prompt,
@@ -152,6 +155,7 @@ def generate(args: argparse.Namespace) -> int:
             prior_num_inference_steps=args.prior_steps or 20,
             num_inference_steps=args.steps or 10,
             **common,
+            **control_call,
         ).images
         return _save(images, out)
     pipe = wj.WuerstchenPipeline.from_pretrained(
