@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from wurst_jax.cli.control import add_control_arguments, control_options
 from wurst_jax.cli.validate import check_generate, tiny_warnings
 from wurst_jax.dtypes import DTYPES
 from wurst_jax.pipelines.runtime import use_compilation_cache
@@ -93,6 +94,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-processes", type=int, help="multi-host: number of processes (with --coordinator)")
     p.add_argument("--process-id", type=int, help="multi-host: this process's index (with --coordinator)")
     add_batch_arguments(p)
+    add_control_arguments(p)
 
 
 TINY_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny"
@@ -121,6 +123,7 @@ def generate(args: argparse.Namespace) -> int:
     cascade = args.model is not None and is_stable_cascade(Path(args.model))
     if args.image and not cascade:
         raise ValueError("--image (image variation) needs a Stable Cascade --model (model_index.json StableCascade*)")
+    control_load, control_call = control_options(args, cascade)  # checked before anything is loaded
     if args.prompts or args.out_dir:  # many prompts from a file: wurst_jax/serving/batch.py
         if cascade:
             raise ValueError("batch generation (--prompts) runs Würstchen v2 models only; give one PROMPT")
@@ -152,12 +155,13 @@ def generate(args: argparse.Namespace) -> int:
     )
     if cascade:
         pipe = wj.StableCascadeCombinedPipeline.from_pretrained(
-            decoder=plan.model, prior=plan.prior, sharding=args.sharding, **opts
+            decoder=plan.model, prior=plan.prior, sharding=args.sharding, **opts, **control_load
         )
         steps = dict(
             images=images_in or None,
             prior_num_inference_steps=args.prior_steps or 20,
             num_inference_steps=args.steps or 10,
+            **control_call,
         )
     else:
         pipe = wj.WuerstchenPipeline.from_pretrained(

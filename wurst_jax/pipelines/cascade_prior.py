@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 from wurst_jax.models.clip_image import preprocess
 from wurst_jax.pipelines import args, random
 from wurst_jax.pipelines.components import Component, load_pipeline_folder
+from wurst_jax.pipelines.control import Controller
 from wurst_jax.pipelines.outputs import StableCascadePriorPipelineOutput
 from wurst_jax.pipelines.runner import StageRunner, setup_plan
 from wurst_jax.pipelines.runtime import CompileCache, default_compilation_cache
@@ -31,8 +32,9 @@ from wurst_jax.sharding import ShardingPlan
 
 
 def cascade_prior_model(module, variables, x, r, cond):
-    """Stage C: x [B, h, w, 16], r [B], cond {"text": [B, 77, Ct], "pooled": [B, 1, Cp], "image": [B, k, Ci]}."""
-    return module.apply(variables, x, r, cond["pooled"], cond["text"], cond["image"])
+    """Stage C: x [B, h, w, 16], r [B], cond {"text": [B, 77, Ct], "pooled": [B, 1, Cp], "image": [B, k, Ci]},
+    optionally "control" (a ControlNet's per-ResBlock tensors; absent: plain stage C, the same program as before)."""
+    return module.apply(variables, x, r, cond["pooled"], cond["text"], cond["image"], control=cond.get("control"))
 
 
 def encode_images(variables: Any, pixels: jax.Array, *, module: Any) -> jax.Array:
@@ -100,6 +102,8 @@ class StableCascadePriorPipeline:
         mesh: Mesh | None = None,
         sharding: str | None = None,
         compiler: CompileCache | None = None,
+        controlnet: Any = None,
+        control_type: str | None = None,
     ):
         self.plan, self.compiler = setup_plan(mesh, sharding, progress, compiler)
         self.text = TextEncoder(tokenizer, text_encoder, self.plan, self.compiler)
@@ -108,6 +112,9 @@ class StableCascadePriorPipeline:
             self.images = ImageEncoder(image_encoder, feature_extractor, self.plan, self.compiler)
         self.prior, self.scheduler = prior, scheduler or DDPMWuerstchen()
         self.resolution_multiple, self.progress = resolution_multiple, progress
+        self.controller = None
+        if controlnet is not None:
+            self.controller = controlnet if isinstance(controlnet, Controller) else Controller(controlnet, control_type)
         streams = (random.Stream.PRIOR_LATENTS, random.Stream.PRIOR_STEPS)
         self.runner = StageRunner(
             "prior", prior, cascade_prior_model, self.scheduler, self.plan, self.compiler, streams
@@ -124,9 +131,12 @@ class StableCascadePriorPipeline:
         progress: bool = True,
         prefix: str = "",
         compiler: CompileCache | None = None,
+        controlnet: Any = None,
+        control_type: str | None = None,
     ) -> StableCascadePriorPipeline:
         """A `stabilityai/stable-cascade-prior`-style folder; image_encoder/ and feature_extractor/ are optional
-        (needed for `images=`). `prefix` names the parts inside a combined folder (`prior_`)."""
+        (needed for `images=`). `prefix` names the parts inside a combined folder (`prior_`). `controlnet`: a
+        stage C ControlNet (a converted folder / file path, or `wj.load_component`'s (module, variables))."""
         plan = ShardingPlan(mesh, sharding or "dp")
         default_compilation_cache()  # the per-user persistent cache unless the caller chose (runtime.py)
         parts = load_pipeline_folder(
@@ -150,8 +160,24 @@ class StableCascadePriorPipeline:
             mesh=mesh,
             sharding=sharding,
             compiler=compiler,
+            controlnet=None if controlnet is None else Controller(controlnet, control_type, dtype),
+            control_type=control_type,
             **cfg,
         )
+
+    def load_controlnet(self, controlnet: Any, control_type: str | None = None) -> None:
+        """Attach a stage C ControlNet (path or (module, variables)); None detaches it."""
+        self.controller = None if controlnet is None else Controller(controlnet, control_type)
+
+    def _control(self, n: int, image: Any, scale: Any, mask: Any) -> tuple | None:
+        """The ControlNet's scaled control for n images, or None without a ControlNet / control image."""
+        if image is None:
+            if mask is not None:
+                raise ValueError("`mask_image` needs `control_image` (the image to inpaint)")
+            return None
+        if self.controller is None:
+            raise ValueError("`control_image` needs a ControlNet (from_pretrained(controlnet=...) / load_controlnet)")
+        return self.controller.control(image, args.check_guidance("controlnet_conditioning_scale", scale), n, mask)
 
     def latent_size(self, height: Any, width: Any) -> tuple[int, int]:
         """Pixel size → stage C grid, ceil(size / resolution_multiple) as diffusers."""
@@ -242,15 +268,21 @@ class StableCascadePriorPipeline:
         latents: Any = None,
         output_type: str = "np",
         step_noise: Any = None,
+        control_image: Any = None,
+        controlnet_conditioning_scale: float = 1.0,
+        mask_image: Any = None,
     ) -> StableCascadePriorPipelineOutput:
         """Arguments and defaults as diffusers' StableCascadePriorPipeline, with `seed` for generators.
         `images`: one image or a list (each becomes one image token); `latents` [N, h, w, 16] and `step_noise`
-        [S, N, h, w, 16] replace what `seed` draws. `output_type` "np" (host arrays) or "jax" (a device array)."""
+        [S, N, h, w, 16] replace what `seed` draws. `output_type` "np" (host arrays) or "jax" (a device array).
+        With a ControlNet: `control_image` (one image or one per generated image), `controlnet_conditioning_scale`
+        and, for inpainting, `mask_image` (white / True = generate)."""
         args.check_output_type(output_type, ("np", "jax"))
         emb, n, embeds = self._run(
             prompt, images, height, width, num_inference_steps, timesteps, guidance_scale, negative_prompt,
             prompt_embeds, prompt_embeds_pooled, negative_prompt_embeds, negative_prompt_embeds_pooled, image_embeds,
             num_images_per_prompt, seed, latents, step_noise,
+            control=(control_image, controlnet_conditioning_scale, mask_image),
         )  # fmt: skip
         if output_type == "np":
             emb = self.plan.host(emb)[:n]
@@ -261,7 +293,7 @@ class StableCascadePriorPipeline:
     def _run(
         self, prompt, images, height, width, num_inference_steps, timesteps, guidance_scale, negative_prompt,
         prompt_embeds, prompt_embeds_pooled, negative_prompt_embeds, negative_prompt_embeds_pooled, image_embeds,
-        num_images_per_prompt, seed, latents, step_noise,
+        num_images_per_prompt, seed, latents, step_noise, control=(None, 1.0, None),
     ) -> tuple[jax.Array, int, tuple]:  # fmt: skip
         """(stage C latents [padded N, h, w, C] on the device, N, the four text conditionings per image)."""
         if (prompt is None) == (prompt_embeds is None):
@@ -281,6 +313,11 @@ class StableCascadePriorPipeline:
         image = self.encode_image(images, image_embeds, n // n_per, n_per)
         cond = {"text": text, "pooled": pooled, "image": image}
         uncond = None if neg is None else {"text": neg, "pooled": neg_pooled, "image": np.zeros_like(image)}
+        cn = self._control(n, *control)
+        if cn is not None:  # the same control in both halves, as the original's `unconditions['cnet'] = cnet`
+            cond["control"] = cn
+            if uncond is not None:
+                uncond["control"] = cn
         shape = (h, wd, self.prior.module.config.in_channels)
         out = self.runner(n, shape, ts, cond, uncond, w, seed, latents, step_noise)
         return out, n, embeds
