@@ -83,6 +83,7 @@ class StageRunner:
         self.name, self.component, self.model_fn, self.sampler = name, component, model_fn, sampler
         self.plan, self.compiler, self.streams = plan, compiler, streams
         self.scan_blocks = SCAN_BLOCKS.get(name, False) if scan_blocks is None else scan_blocks
+        self.adapters: Callable[[], list | None] = lambda: None  # unfused LoRA adapters (set by the pipeline)
 
     @property
     def module(self) -> Any:
@@ -93,7 +94,6 @@ class StageRunner:
         if getattr(self.component, "streams", False):  # sequential offload (components.Component)
             module = module.clone(stream_blocks=True)
         return module
-        self.adapters: Callable[[], list | None] = lambda: None  # unfused LoRA adapters (set by the pipeline)
 
     def __call__(
         self,
