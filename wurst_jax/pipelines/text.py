@@ -58,6 +58,14 @@ class TextEncoder:
         return outs
 
     def _encode(self, variables: Any, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Each distinct row encoded on its own (one compiled [1, 77] program): a prompt's states then do not depend
+        on the other prompts of its batch, so a batch job's image equals the one-prompt call's bit for bit."""
+        rows = np.concatenate([ids, mask], axis=1)
+        unique, where = np.unique(rows, axis=0, return_inverse=True)
+        parts = [self._encode_batch(variables, u[None, : ids.shape[1]], u[None, ids.shape[1] :]) for u in unique]
+        return tuple(np.concatenate(x)[where.reshape(-1)] for x in zip(*parts, strict=True))
+
+    def _encode_batch(self, variables: Any, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:
         plan = self.plan
         out = self.compiler(
             "text_encoder", encode_text, {"module": self.encoder.module}, variables, plan.batch(ids), plan.batch(mask)
