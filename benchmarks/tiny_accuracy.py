@@ -19,7 +19,8 @@ import jax
 import numpy as np
 
 import wurst_jax as wj
-from wurst_jax.cli.generate import TINY_MODEL, model_defaults
+from wurst_jax.cli.generate import model_defaults
+from wurst_jax.serving.backend import TINY_MODEL
 from wurst_jax.tiny.checker import score
 from wurst_jax.tiny.data import Scene, heldout_combinations, train_combinations
 

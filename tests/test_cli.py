@@ -106,7 +106,8 @@ def test_generate_with_the_shipped_tiny_model(tmp_path):
 
 
 def test_model_defaults_come_from_model_index(tmp_path):
-    from wurst_jax.cli.generate import TINY_MODEL, model_defaults
+    from wurst_jax.cli.generate import model_defaults
+    from wurst_jax.serving.backend import TINY_MODEL
 
     assert model_defaults(tmp_path) == (1024, 0.0)  # no model_index.json: v2's size, diffusers' guidance off
     (tmp_path / "model_index.json").write_text('{"default_size": 128, "default_decoder_guidance": 2.5}')

@@ -97,9 +97,6 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     add_control_arguments(p)
 
 
-TINY_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny"
-
-
 def model_defaults(model: Path) -> tuple[int, float]:
     """(size, decoder guidance) a model was trained for: `default_size` and `default_decoder_guidance` in its
     model_index.json (the tiny model sets both), else v2's 1024 and diffusers' 0."""

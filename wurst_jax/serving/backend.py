@@ -154,9 +154,11 @@ class ModelSpec:
         index, prior_index = _json(dec / "model_index.json"), _json((pri or dec) / "model_index.json")
         cfg = _json(dec / "decoder" / "config.json")
         try:
-            if "block_out_channels" in cfg:  # Stable Cascade's stage B: halvings where switch_level allows
-                switch = cfg.get("switch_level") or (True,) * (len(cfg["block_out_channels"]) - 1)
-                downscale = int(cfg.get("patch_size", 1)) * 2 ** sum(bool(x) for x in switch)
+            if "block_out_channels" in cfg:  # Stable Cascade's stage B: its config's own rule
+                from wurst_jax.models.cascade.config import StableCascadeUNetConfig
+
+                keys = {f.name for f in dataclasses.fields(StableCascadeUNetConfig)}
+                downscale = StableCascadeUNetConfig(**{k: v for k, v in cfg.items() if k in keys}).downscale
             else:
                 downscale = int(cfg.get("patch_size", 2)) * 2 ** (len(cfg.get("c_hidden", (0,) * 4)) - 1)
             return cls(
