@@ -29,25 +29,40 @@ class LoraError(ValueError):
 
 
 def lora_path(path: str | os.PathLike) -> Path:
-    """A `.safetensors` file, or a folder holding `pytorch_lora_weights.safetensors`."""
+    """A `.safetensors` file, or a folder holding `pytorch_lora_weights.safetensors` (or the original Stable
+    Cascade training's `lora.safetensors`)."""
+    from wurst_jax.lora.cascade_format import FILE_NAME as CASCADE_FILE
+
     p = Path(path).expanduser()
     if p.is_dir():
-        p = p / FILE_NAME
+        p = p / FILE_NAME if (p / FILE_NAME).is_file() or not (p / CASCADE_FILE).is_file() else p / CASCADE_FILE
     if not p.is_file():
-        raise LoraError(f"{path}: no LoRA file (expected a .safetensors file or a folder with {FILE_NAME})")
+        raise LoraError(
+            f"{path}: no LoRA file (expected a .safetensors file or a folder with {FILE_NAME} or {CASCADE_FILE})"
+        )
     return p
 
 
-def read_lora_file(path: str | os.PathLike, targets: dict[str, Any]) -> dict[str, Adapter]:
+def read_lora_file(path: str | os.PathLike, targets: dict[str, Any], module_filters: Any = None) -> dict[str, Adapter]:
     """The adapters in a diffusers/PEFT LoRA file, one per component prefix in `targets` (prefix → that
-    component's variable tree, or its `jax.eval_shape`); components without keys are left out."""
+    component's variable tree, or its `jax.eval_shape`); components without keys are left out. A file in the
+    original Stable Cascade format (`cascade_format.py`) is read as such; `module_filters` are its training
+    config's (default `['.attn']`)."""
     from safetensors.numpy import load_file
+
+    from wurst_jax.lora import cascade_format
 
     file = lora_path(path)
     try:
         tensors = load_file(str(file))
     except Exception as e:  # not safetensors, truncated, bf16 numpy cannot hold, ...
         tensors = _load_with_torch(file, e)
+    if cascade_format.is_cascade_file(tensors):
+        if "prior" not in targets:
+            raise LoraError(f"{file}: an original Stable Cascade LoRA (stage C); this pipeline has no prior")
+        return cascade_format.from_state_dict(tensors, targets, str(file), module_filters)
+    if module_filters is not None:
+        raise LoraError(f"{file}: module_filters applies to original Stable Cascade LoRA files; this one is PEFT's")
     return from_state_dict(tensors, targets, str(file))
 
 

@@ -66,15 +66,19 @@ class LoraMixin:
             self._lora_targets = {k: LoraTarget(c, loop) for k, (c, loop) in self._lora_components().items()}
         return self._lora_targets
 
-    def load_lora_weights(self, path: Any, adapter_name: str | None = None, scale: float = 1.0) -> None:
-        """Add the adapters of a diffusers/PEFT LoRA file (or a folder with `pytorch_lora_weights.safetensors`)
-        under `adapter_name` (default `default_<n>`), active at `scale`. Bad files raise `LoraError`, unapplied."""
+    def load_lora_weights(
+        self, path: Any, adapter_name: str | None = None, scale: float = 1.0, module_filters: Any = None
+    ) -> None:
+        """Add the adapters of a diffusers/PEFT LoRA file (or a folder with `pytorch_lora_weights.safetensors`),
+        or of an original Stable Cascade one (`lora.safetensors`: stage C weights and ReToken rows; its training
+        config's `module_filters`, default `['.attn']`), under `adapter_name` (default `default_<n>`), active at
+        `scale`. Bad files raise `LoraError`, unapplied."""
         targets = self._lora()
         names = {n for t in targets.values() for n in t.adapters}
         name = adapter_name or f"default_{len(names)}"
         if name in names:
             raise LoraError(f"adapter name {name!r} is already loaded; unload it or pick another name")
-        layers = read_lora_file(path, {k: t.shapes() for k, t in targets.items()})
+        layers = read_lora_file(path, {k: t.shapes() for k, t in targets.items()}, module_filters)
         for prefix, adapter in layers.items():
             targets[prefix].adapters[name] = LoraAdapter(name, adapter, float(scale))
             targets[prefix].refresh()

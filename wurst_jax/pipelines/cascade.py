@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from wurst_jax.lora.pipeline import LoraMixin
 from wurst_jax.pipelines import args, random
 from wurst_jax.pipelines.cascade_prior import StableCascadePriorPipeline, pooled_array
 from wurst_jax.pipelines.components import Component, load_pipeline_folder
@@ -189,12 +190,15 @@ class StableCascadeDecoderPipeline:
         return ImagePipelineOutput(to_pil(images) if output_type == "pil" else images)
 
 
-class StableCascadeCombinedPipeline:
+class StableCascadeCombinedPipeline(LoraMixin):
     """Text (+ images) → images: the prior and the decoder pipelines in sequence (diffusers'
-    StableCascadeCombinedPipeline)."""
+    StableCascadeCombinedPipeline). LoRA methods act on the prior pipeline's stage C and text encoder."""
 
     def __init__(self, prior_pipe: StableCascadePriorPipeline, decoder_pipe: StableCascadeDecoderPipeline):
         self.prior_pipe, self.decoder_pipe = prior_pipe, decoder_pipe
+
+    def _lora(self) -> dict:  # the prior pipeline's adapters are the combined pipeline's
+        return self.prior_pipe._lora()
 
     @classmethod
     def from_pretrained(

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from wurst_jax.lora.pipeline import LoraMixin
 from wurst_jax.models.clip_image import preprocess
 from wurst_jax.pipelines import args, random
 from wurst_jax.pipelines.components import Component, load_pipeline_folder
@@ -86,8 +87,9 @@ def pooled_array(name: str, value: Any) -> np.ndarray:
     return arr
 
 
-class StableCascadePriorPipeline:
-    """Text (+ images) → stage C latents (`image_embeddings`), as diffusers' StableCascadePriorPipeline."""
+class StableCascadePriorPipeline(LoraMixin):
+    """Text (+ images) → stage C latents (`image_embeddings`), as diffusers' StableCascadePriorPipeline. LoRA
+    (`load_lora_weights`, ...): original Stable Cascade files (`lora.safetensors`) or diffusers/PEFT ones."""
 
     def __init__(
         self,
@@ -119,6 +121,11 @@ class StableCascadePriorPipeline:
         self.runner = StageRunner(
             "prior", prior, cascade_prior_model, self.scheduler, self.plan, self.compiler, streams
         )
+        self.runner.adapters = lambda: self._lora()["prior"].loop_adapters()
+
+    def _lora_components(self) -> dict:
+        """LoRA file prefixes → (component, applied inside the loop); ReToken rows go to the text encoder."""
+        return {"prior": (self.prior, True), "text_encoder": (self.text.encoder, False)}
 
     @classmethod
     def from_pretrained(

@@ -2,7 +2,10 @@
 (or b, a) with a config that names an `init` pipeline folder and a `data` folder of `.npz` shards.
 
 What trains (the rest is frozen, as in diffusers' `train_text_to_image_prior.py`):
-- c: the prior (Stage C). `init` is a prior pipeline folder (prior/, text_encoder/, tokenizer/, model_index.json).
+- c: the prior (Stage C). `init` is a prior pipeline folder (prior/, text_encoder/, tokenizer/, model_index.json),
+  Würstchen v2's or Stable Cascade's (whose prior learns `image_embeddings` as they are, conditioned on the text
+  encoder's last layer before its norm and its pooled embedding, no image; with `lora_rank`, the original Stable
+  Cascade LoRA on '.attn', saved as its `lora.safetensors`).
 - b: the decoder (Stage B). `init` is a decoder pipeline folder (decoder/, vqgan/, text_encoder/, tokenizer/).
 - a: the VQGAN (Stage A; reconstruction + codebook losses). `init` is a decoder pipeline folder (vqgan/).
 Components may be diffusers / transformers safetensors or folders converted by `wurst-jax convert` (orbax).
@@ -41,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wurst_jax.models.cascade import StableCascadeUNet
+from wurst_jax.models.clip_text import CLIPTextOutput
 from wurst_jax.pipelines.prompts import caption_tokens
 from wurst_jax.train import objectives
 from wurst_jax.train.config import FinetuneConfig
@@ -79,11 +84,13 @@ def load_parts(cfg: FinetuneConfig, root: Path, mesh: Any) -> dict[str, Any]:
     return out
 
 
-def host_batch(stage: str, raw: dict, tokenizer: Any, latent_mean: float, latent_std: float) -> dict:
+def host_batch(stage: str, raw: dict, tokenizer: Any, latent_mean: float, latent_std: float, cascade=False) -> dict:
     """Shard rows (`Shards.batch`) → the host arrays `prepare` takes."""
     if stage == "a":
         return {"images": raw["images"]}
     ids, mask = caption_tokens(tokenizer, raw["captions"])
+    if stage == "c" and cascade:  # Stable Cascade's prior works in the effnet space itself (no mapping)
+        return {"ids": ids, "mask": mask, "latents": raw["image_embeddings"]}
     if stage == "c":  # back to the prior's own space, as diffusers' script: (x + std) / mean
         return {"ids": ids, "mask": mask, "latents": (raw["image_embeddings"] + latent_std) / latent_mean}
     return {"ids": ids, "mask": mask, "images": raw["images"], "image_embeddings": raw["image_embeddings"]}
@@ -96,7 +103,10 @@ def prepare_fn(stage: str, parts: dict) -> Any:
         if stage == "a":
             return {"images": raw["images"]}
         text = parts["text_encoder"][0]
-        out = {"clip": text.apply(frozen["text_encoder"], raw["ids"], raw["mask"])}
+        states = text.apply(frozen["text_encoder"], raw["ids"], raw["mask"])
+        if isinstance(states, CLIPTextOutput):  # Stable Cascade: the last layer before the norm, and the pooled
+            return {"text": states.hidden_states_last, "pooled": states.text_embeds[:, None], "latents": raw["latents"]}
+        out = {"clip": states}
         if stage == "c":
             return {**out, "latents": raw["latents"]}
         vqgan = parts["vqgan"][0]
@@ -164,17 +174,24 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
         module = module.clone(scan_blocks=cfg.scan_blocks, remat=cfg.remat)
     frozen = {p: v[1] for p, v in parts.items() if p not in (COMPONENT[stage], "tokenizer")}
     tokenizer = parts.get("tokenizer")
-    empty_clip = None
+    empty_clip: Any = None
+    cascade = isinstance(module, StableCascadeUNet)  # a Stable Cascade prior folder
     if tokenizer is not None:
         text, text_vars = parts["text_encoder"]
-        empty_clip = np.asarray(jax.jit(text.apply)(text_vars, *caption_tokens(tokenizer, [""])), np.float32)
+        states = jax.jit(text.apply)(text_vars, *caption_tokens(tokenizer, [""]))
+        if cascade:
+            empty_clip = {"text": states.hidden_states_last, "pooled": states.text_embeds[:, None]}
+            empty_clip = {k: np.asarray(v, np.float32) for k, v in empty_clip.items()}
+        else:
+            empty_clip = np.asarray(states, np.float32)
 
     loss = objectives.component_loss(stage, module, empty_clip, run.cond_dropout, run.loss_weighting)
     trainable: Any = True
     if cfg.lora_rank:  # adapter leaves beside the frozen kernels; only they train (and sit in the optimizer)
         from wurst_jax.lora.train import add_lora, is_lora, lora_loss
 
-        variables = {"params": add_lora(variables["params"], cfg.lora_rank, cfg.lora_targets, run.seed)}
+        style = "cascade" if cascade else "peft"  # Stable Cascade: the original's parametrisation and file
+        variables = {"params": add_lora(variables["params"], cfg.lora_rank, cfg.lora_targets, run.seed, style)}
         loss, trainable = lora_loss(loss), is_lora
     setup = build_train_setup(
         loss, variables, run, module=module, mesh=mesh, mode=cfg.sharding or "dp", trainable=trainable
@@ -192,7 +209,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
         return tree if mesh is None else jax.device_put(tree, jax.tree_util.tree_map(batch_sharding(mesh), tree))
 
     def model_batch(k: int) -> dict:  # batch k: a function of (seed, k) alone
-        host = host_batch(stage, data.batch(k, run.batch_size, run.seed), tokenizer, latent_mean, latent_std)
+        host = host_batch(stage, data.batch(k, run.batch_size, run.seed), tokenizer, latent_mean, latent_std, cascade)
         return place(prepare(frozen, place(host)))
 
     state = train_loop(
@@ -209,6 +226,14 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
         run.max_seconds,
     )
 
+    if cfg.lora_rank and cascade:  # the original Stable Cascade `lora.safetensors` (its code loads it)
+        from wurst_jax.lora.cascade_format import write_file
+        from wurst_jax.lora.train import cascade_weights
+
+        token_dim = parts["text_encoder"][0].config.hidden_size
+        path = write_file(out, cascade_weights(merge_params(state.ema, state.frozen)), token_dim)
+        log(f"stage c: wrote the Stable Cascade LoRA (EMA, rank {cfg.lora_rank}, '.attn') to {path}")
+        return out
     if cfg.lora_rank:
         from wurst_jax.lora import write_lora_file
         from wurst_jax.lora.train import adapter_of

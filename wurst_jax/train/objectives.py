@@ -68,6 +68,27 @@ def stage_c_loss(module, params, rng, latents, clip, config=_SCHED, train=True, 
     return _diffusion_loss(pred, noise, t, config, weighting)
 
 
+def cascade_c_loss(
+    module, params, rng, latents, text, pooled, empty, cond_dropout=0.1, config=_SCHED, train=True, weighting="p2"
+) -> jax.Array:
+    """Stable Cascade's stage C with stage_c_loss's objective: latents [B, h, w, C], text [B, T, D] (the text
+    encoder's last layer before its final norm), pooled [B, 1, P]; a dropped sample gets the empty prompt's `empty`
+    {"text", "pooled"}, and every sample the zero image token the pipeline uses without images."""
+    r_t, r_n, r_c, r_d = jax.random.split(rng, 4)
+    b = latents.shape[0]
+    keep = (jax.random.uniform(r_c, (b,)) >= cond_dropout)[:, None, None]
+    text = jnp.where(keep, text, jnp.broadcast_to(empty["text"], text.shape).astype(text.dtype))
+    pooled = jnp.where(keep, pooled, jnp.broadcast_to(empty["pooled"], pooled.shape).astype(pooled.dtype))
+    image = jnp.zeros((b, 1, module.config.clip_image_in_channels), jnp.float32)
+    t = sample_t(r_t, b, "c")
+    noise = jax.random.normal(r_n, latents.shape, jnp.float32)
+    noised = sched.add_noise(latents.astype(jnp.float32), noise, t, config)
+    pred = module.apply(
+        {"params": params}, noised, t, pooled, text, image, deterministic=not train, rngs={"dropout": r_d}
+    )
+    return _diffusion_loss(pred, noise, t, config, weighting)
+
+
 def stage_b_loss(
     module, params, rng, latents, effnet, clip, empty_clip, cond_dropout=0.1, config=_SCHED, train=True
 ) -> jax.Array:
@@ -102,7 +123,8 @@ def component_loss(stage: str, module, empty_clip=None, cond_dropout: float = 0.
     """The loss of one trained component as `loss(params, batch_stats, rng, batch) -> (loss, aux)` (the train
     step's `loss_fn`), on batches the frozen encoders already made:
     - "c" (the prior): {"latents" [B, h, w, 16], "clip" [B, T, D]}; each sample's text states become `empty_clip`
-      [1, T, D] (the empty prompt's) with probability `cond_dropout`; `weighting` as `stage_c_loss`.
+      [1, T, D] (the empty prompt's) with probability `cond_dropout`; `weighting` as `stage_c_loss`. Stable
+      Cascade's prior: {"latents", "text", "pooled"} and `empty_clip` {"text", "pooled"} (`cascade_c_loss`).
     - "b" (the decoder): {"latents" [B, H, W, 4], "effnet" [B, h, w, 16], "clip" [B, T, D]}; conditioning dropped
       with probability `cond_dropout` (`stage_b_loss`).
     - "a" (the VQGAN): {"images" [B, H, W, 3]}; aux carries the new `batch_stats`."""
@@ -114,6 +136,15 @@ def component_loss(stage: str, module, empty_clip=None, cond_dropout: float = 0.
         raise ValueError(f"stage must be 'a', 'b' or 'c', got {stage!r}")
     if empty_clip is None:
         raise ValueError(f"the stage {stage} loss needs the empty prompt's text states (empty_clip)")
+    if isinstance(empty_clip, dict):  # Stable Cascade's prior: {"text", "pooled"} of the empty prompt
+        if stage != "c":
+            raise ValueError(f"Stable Cascade fine-tuning trains stage c (the prior), not stage {stage}")
+
+        def loss(params, stats, rng, batch):
+            args = (batch["latents"], batch["text"], batch["pooled"], empty_clip, cond_dropout)
+            return cascade_c_loss(module, params, rng, *args, weighting=weighting), {}
+
+        return loss
     if stage == "b":
 
         def loss(params, stats, rng, batch):

@@ -26,7 +26,9 @@ class ShardSpec:
 def shard_spec(stage: str, configs: dict[str, Any]) -> ShardSpec:
     """From the component configs (`read_config` of the init folders), before any weights are read."""
     if stage == "c":
-        return ShardSpec({"captions": (1, None, "U"), "image_embeddings": (4, configs["prior"].c_in, "f")})
+        prior = configs["prior"]  # Würstchen v2's c_in, Stable Cascade's in_channels
+        channels = getattr(prior, "c_in", None) or prior.in_channels
+        return ShardSpec({"captions": (1, None, "U"), "image_embeddings": (4, channels, "f")})
     vq = configs["vqgan"]
     factor = vq.up_down_scale_factor * 2 ** (vq.levels - 1)
     if stage == "a":
