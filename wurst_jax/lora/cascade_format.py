@@ -127,7 +127,9 @@ def from_state_dict(
     for i in sorted(pairs):
         ab = pairs[i]
         if i >= len(found):
-            problems.append(f"weights.{i}: the prior has {len(found)} module(s) matching {list(filters)}")
+            problems.append(
+                f"weights.{i}: the prior has only {len(found)} modules matching module_filters {list(filters)}"
+            )
             continue
         site = found[i]
         if set(ab) != {"lora_down", "lora_up"}:
@@ -136,16 +138,8 @@ def from_state_dict(
         down, up = ab["lora_down"], ab["lora_up"]
         n_in = _shape(targets["prior"], site.paths[0])[0]
         n_out = sum(_shape(targets["prior"], p)[1] for p in site.paths)
-        if (
-            down.ndim != 2
-            or up.ndim != 2
-            or down.shape[0] != up.shape[1]
-            or (up.shape[0], down.shape[1])
-            != (
-                n_out,
-                n_in,
-            )
-        ):
+        r = down.shape[0] if down.ndim == 2 else -1
+        if down.ndim != 2 or up.ndim != 2 or (down.shape, up.shape) != ((r, n_in), (n_out, r)):
             problems.append(f"weights.{i} ({site.name}): lora_down {down.shape} / lora_up {up.shape} do not fit "
                             f"its weight [out, in] ({n_out}, {n_in}): expected [r, {n_in}] / [{n_out}, r]")  # fmt: skip
             continue
@@ -153,9 +147,10 @@ def from_state_dict(
         rows = np.split(up, len(site.paths), axis=0)
         for path, part in zip(site.paths, rows, strict=True):
             prior["/".join(path)] = {"down": np.ascontiguousarray(down.T), "up": np.ascontiguousarray(part.T)}
-    missing = [f"weights.{i}" for i in range(max(pairs, default=-1) + 1) if i not in pairs]
-    if pairs and missing:
-        problems.append(f"missing {missing} (the file's weights must be numbered 0..n-1)")
+    missing = [f"weights.{i}" for i in range(len(found)) if i not in pairs]
+    if pairs and missing:  # the original loads its `lora` dict strictly: one entry per adapted module
+        problems.append(f"missing {missing}: the prior has {len(found)} modules matching module_filters "
+                        f"{list(filters)} (the filters of the training config)")  # fmt: skip
     adapters = {"prior": prior} if prior else {}
     text = _retoken(tensors, targets.get("text_encoder"), problems)
     if text:
