@@ -81,13 +81,13 @@ def _add_cascade(params: Any, rank: int, targets: str, seed: int) -> Any:
     if not found:
         raise ValueError("no attention layers for the original Stable Cascade LoRA (is this a stage C model?)")
     flat = traverse_util.flatten_dict(params)
-    key, out = jax.random.PRNGKey(seed), dict(flat)
-    for i, site in enumerate(found):
+    rng, out = np.random.default_rng(seed), dict(flat)  # host draws: no device op compiled per layer shape
+    for site in found:
         paths = [p[1:] for p in site.paths]  # without "params"
         n_in, n_out = flat[paths[0]].shape[0], sum(flat[p].shape[1] for p in paths)
         mod, (down, up) = (paths[0][:-2], (QKV_DOWN, QKV_UP)) if site.in_proj else (paths[0][:-1], (SC_DOWN, SC_UP))
-        out[(*mod, down)] = jnp.zeros((n_in, rank), jnp.float32)  # the original: lora_down zeros,
-        out[(*mod, up)] = jax.random.normal(jax.random.fold_in(key, i), (rank, n_out), jnp.float32)  # up N(0, 1)
+        out[(*mod, down)] = jnp.zeros((n_in, rank), jnp.float32)  # the original: lora_down zeros, lora_up N(0, 1)
+        out[(*mod, up)] = jnp.asarray(rng.standard_normal((rank, n_out)), jnp.float32)
     return traverse_util.unflatten_dict(out)
 
 
