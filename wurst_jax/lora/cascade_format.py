@@ -30,7 +30,7 @@ import numpy as np
 from flax import traverse_util
 
 from wurst_jax.lora.adapter import Adapter, check_against
-from wurst_jax.weights import layout
+from wurst_jax.weights import layout, mapping
 
 FILE_NAME = "lora.safetensors"  # `models_to_save = ['lora']` + the original's default checkpoint extension
 DEFAULT_FILTERS = (".attn",)
@@ -72,7 +72,8 @@ def sites(tree: Any, filters: Any = DEFAULT_FILTERS) -> tuple[list[Site], list[s
     """(the LoRA sites of a stage C variable tree matching `filters`, in the original's order; the matching
     modules this format cannot adapt here: convolutions)."""
     found, unsupported = [], []
-    for path, leaf in traverse_util.flatten_dict(dict(tree)).items():
+    flat = traverse_util.flatten_dict(dict(tree))
+    for path, leaf in flat.items():
         if path[-1] != "kernel":
             continue
         torch_name = layout.torch_key(path)
@@ -82,18 +83,36 @@ def sites(tree: Any, filters: Any = DEFAULT_FILTERS) -> tuple[list[Site], list[s
         head, _, last = module.rpartition(".attention.")
         if head and last in ("to_k", "to_v"):
             continue  # one in_proj site, found at to_q
+        # the original name (MultiheadAttention's in_proj / out_proj), mapped forward again by the converter's
+        # original → diffusers rules (`mapping.canonical_source`): the kernels a site covers are the ones
+        # stage_c.safetensors' tensor of that name loads into
         if head and last == "to_q":
-            name, paths = f"{head}.attention.attn", tuple((*path[:-2], p, "kernel") for p in ("to_q", "to_k", "to_v"))
+            name, key, rows = f"{head}.attention.attn", f"{head}.attention.attn.in_proj_weight", 3
         elif head and last == "to_out.0":
-            name, paths = f"{head}.attention.attn.out_proj", (path,)
+            name, key, rows = f"{head}.attention.attn.out_proj", f"{head}.attention.attn.out_proj.weight", 1
         else:
-            name, paths = module, (path,)
+            name, key, rows = module, torch_name, 1
+        paths = _loaded_into(key, rows, flat)
+        if paths is None:
+            continue
         if filters is not None and not any(f in name for f in filters):
             continue
         (found if len(getattr(leaf, "shape", ())) == 2 else unsupported).append(Site(name, paths))
     # in_proj's LoRA is a child of `attn` registered after `out_proj`: rank it as `attn.in_proj`
     key = lambda s: _order_key(s.name + (".in_proj" if s.in_proj else ""))  # noqa: E731
     return sorted(found, key=key), sorted(s.name for s in unsupported)
+
+
+def _loaded_into(key: str, rows: int, flat: dict) -> tuple[tuple[str, ...], ...] | None:
+    """The kernel paths an original tensor `key` (of `rows` stacked matrices) loads into, None if not all exist."""
+    refs = mapping.canonical_source({key: mapping.TensorRef((rows, 1), lambda: None)})
+    paths = []
+    for torch_key in refs:
+        cands = [c for c in layout.flax_candidates(torch_key) if c in flat]
+        if not cands:
+            return None
+        paths.append(cands[0])
+    return tuple(paths)
 
 
 def _token_embedding(tree: Any) -> tuple[str, ...] | None:

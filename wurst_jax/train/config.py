@@ -69,7 +69,8 @@ class FinetuneConfig:
     sharding: str | None = None  # "dp" or "fsdp" over all devices; None: one device
     scan_blocks: bool = False  # stages c, b: repeated blocks as one lax.scan (one repeat compiled)
     remat: bool = False  # stages c, b: recompute each repeat in the backward pass (less activation memory)
-    lora_rank: int | None = None  # stage c: train a LoRA of this rank only, saved as a diffusers/PEFT file
+    lora_rank: int | None = None  # stage c: train a LoRA of this rank only (v2: a diffusers/PEFT file; Stable
+    # Cascade: the original's lora.safetensors)
     lora_targets: str = "attention"  # "attention" (to_q/to_k/to_v/to_out.0) or "all-linear"
 
 
