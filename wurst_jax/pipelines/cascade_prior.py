@@ -129,6 +129,7 @@ class StableCascadePriorPipeline:
         mesh: Mesh | None = None,
         sharding: str | None = None,
         progress: bool = True,
+        variant: str | None = None,
         prefix: str = "",
         compiler: CompileCache | None = None,
         controlnet: Any = None,
@@ -136,7 +137,8 @@ class StableCascadePriorPipeline:
     ) -> StableCascadePriorPipeline:
         """A `stabilityai/stable-cascade-prior`-style folder; image_encoder/ and feature_extractor/ are optional
         (needed for `images=`). `prefix` names the parts inside a combined folder (`prior_`). `controlnet`: a
-        stage C ControlNet (a converted folder / file path, or `wj.load_component`'s (module, variables))."""
+        stage C ControlNet (a converted folder / file path, or `wj.load_component`'s (module, variables)). `variant`
+        ("bf16") reads diffusers' variant weight files."""
         plan = ShardingPlan(mesh, sharding or "dp")
         default_compilation_cache()  # the per-user persistent cache unless the caller chose (runtime.py)
         parts = load_pipeline_folder(
@@ -147,6 +149,7 @@ class StableCascadePriorPipeline:
             prefix,
             plan,
             optional=("image_encoder", "feature_extractor"),
+            variant=variant,
         )
         cfg = {k: parts["config"][k] for k in ("resolution_multiple",) if k in parts["config"]}
         return cls(
