@@ -32,10 +32,15 @@ LINES = [
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
+def saved(tmp_path_factory):
+    """(root, diffusers pipelines) of the mini folder pair."""
     root = tmp_path_factory.mktemp("sc_serving")
-    build(root, mini_prior(), mini_decoder())  # small UNets: this file compiles two sizes and three meshes
-    return root / "stable-cascade", root / "stable-cascade-prior"
+    return root, build(root, mini_prior(), mini_decoder())  # small UNets: this file compiles two sizes, three meshes
+
+
+@pytest.fixture(scope="module")
+def folders(saved):
+    return saved[0] / "stable-cascade", saved[0] / "stable-cascade-prior"
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +159,42 @@ def test_sharded_pipeline_equals_one_device(spec, pipe, mode, data, model):
     err = float(np.abs(got - want).max() / np.abs(want).max())
     print(f"{mode} on data {data} × model {model} vs one device: max |Δ| / max |x| = {err:.1e}")
     assert got.shape == want.shape == (2, 32, 32, 4) and err < 1e-5
+
+
+def test_variant_bf16_loads_and_generates(saved, folders, pipe, capsys):
+    """Folders saved by diffusers with variant="bf16" (bf16 tensors in `*.bf16.safetensors`, no other weight
+    files) load with variant="bf16": the weights are the f32 ones rounded to bf16, and the pipeline runs (the
+    f32 pipeline's executables: same shapes, shared compile cache)."""
+    import torch
+
+    from wurst_jax.weights import WeightsError
+
+    root, ref = saved
+    dec, pri = root / "sc-bf16", root / "sc-prior-bf16"
+    ref["decoder"].to(torch.bfloat16).save_pretrained(dec, variant="bf16")
+    ref["prior"].to(torch.bfloat16).save_pretrained(pri, variant="bf16")
+    assert (dec / "decoder" / "diffusion_pytorch_model.bf16.safetensors").is_file()
+    with pytest.raises(WeightsError, match=r"no weights found .*diffusion_pytorch_model.bf16.safetensors .*--variant"):
+        wj.StableCascadeDecoderPipeline.from_pretrained(dec, progress=False)
+    prior = wj.StableCascadePriorPipeline.from_pretrained(
+        pri, variant="bf16", compiler=pipe.prior_pipe.compiler, progress=False
+    )
+    decoder = wj.StableCascadeDecoderPipeline.from_pretrained(
+        dec, variant="bf16", compiler=pipe.decoder_pipe.compiler, progress=False
+    )
+    pairs = [(prior.prior, pipe.prior_pipe.prior), (decoder.decoder, pipe.decoder_pipe.decoder)]
+    pairs += [(decoder.vqgan, pipe.decoder_pipe.vqgan), (prior.text.encoder, pipe.prior_pipe.text.encoder)]
+    for ours, full in pairs:
+        rounded = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), full.variables)
+        assert jax.tree_util.tree_all(
+            jax.tree_util.tree_map(lambda a, b: bool((a == b).all()), ours.variables, rounded)
+        )
+    got, want = latents(wj.StableCascadeCombinedPipeline(prior, decoder)), latents(pipe)
+    err = float(np.abs(got - want).max() / np.abs(want).max())
+    print(f"bf16 variant weights vs f32 weights, decoder latents: max |Δ| / max |x| = {err:.1e}")
+    assert np.isfinite(got).all() and 0 < err < 0.05
+    assert ModelSpec.from_folders(str(dec), str(pri), variant="bf16").variant == "bf16"
+    # the CLI flag reaches the check before any loading: the f32 folders have no bf16 files
+    args = ["generate", "x", "--model", str(folders[0]), "--prior", str(folders[1]), "--variant", "bf16"]
+    assert cli.main([*args, "--out", str(root / "x.png")]) == 2
+    assert "--variant bf16: " in capsys.readouterr().err
