@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 TINY_MODEL = Path(__file__).resolve().parents[1] / "assets" / "tiny"
-GENERATIONS = ("v2", "cascade")
 DEFAULT_STEPS = {"v2": 12, "cascade": 10}  # decoder steps (diffusers' combined v2 / Stable Cascade decoder defaults)
 CASCADE_PRIOR_STEPS = 20  # diffusers' StableCascadePriorPipeline default
 MAX_SIZE = 16384  # pixels per side; far beyond what any stage was trained for, a guard against typos
