@@ -1,7 +1,11 @@
-"""Stable Cascade in batch jobs and the server: a tiny Stable Cascade folder pair (tests/cascade_checkpoints.py) is
-read by `ModelSpec` as Stable Cascade (model_index.json), a prompt file's images (two sizes, own and default seeds)
-equal one pipeline call per prompt bit for bit, `generate --prompts` takes the model with its own defaults, and a
-real HTTP request on loopback answers with the pipeline's images. One pipeline, batches of 2: few compiles."""
+"""Stable Cascade in batch jobs, the server, on a mesh and from bf16 variant files, on one mini folder pair
+(tests/cascade_checkpoints.py `mini_prior` / `mini_decoder`: small UNets whose heads split 2 ways).
+
+`ModelSpec` reads the folders as Stable Cascade (model_index.json); a prompt file's images (two sizes, own and
+default seeds) equal one pipeline call per prompt bit for bit; `generate --prompts` takes the model with its own
+defaults; a real HTTP request on loopback answers with the pipeline's images; dp, fsdp and tp runs equal one device;
+diffusers' variant="bf16" folders load and generate. One pipeline, batches of 2: the shapes compile once and are
+shared by every test here (the sharded runs compile their own programs)."""
 
 import json
 
