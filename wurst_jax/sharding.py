@@ -18,6 +18,7 @@ shards, and results come back through `multihost_utils.process_allgather`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -100,11 +101,15 @@ def check_heads(heads: Any, mesh: Mesh, mode: str, name: str = "the model") -> N
     if mode != "tp" or mesh.shape[MODEL] == 1:
         return
     counts = [int(h) for h in heads if h and h > 0]
-    bad = [h for h in counts if h % mesh.shape[MODEL]]
+    k = mesh.shape[MODEL]
+    bad = sorted({h for h in counts if h % k})
     if bad:
+        common = math.gcd(*counts)
+        sizes = [d for d in range(2, common + 1) if common % d == 0]
+        fits = f"model axis sizes that split every count: {', '.join(map(str, sizes))}" if sizes else "none > 1 can"
         raise ValueError(
-            f"sharding='tp' on a {mesh.shape[MODEL]}-way model axis cannot split {name}'s "
-            f"attention heads {counts}; choose a model axis size that divides every head count"
+            f"sharding='tp' on a {k}-way model axis cannot split {name}'s attention heads {counts} "
+            f"({', '.join(map(str, bad))} not divisible by {k}); {fits}; or use sharding='fsdp'"
         )
 
 

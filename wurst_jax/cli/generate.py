@@ -41,6 +41,9 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
         help="Stable Cascade image variation: condition on this image (repeatable: one image token each; the "
         "prior folder needs image_encoder/)",
     )
+    p.add_argument(
+        "--variant", help="read the folders' diffusers variant weight files, e.g. bf16 (diffusion_pytorch_model.bf16…)"
+    )
     p.add_argument("--out", default="image.png", help="output PNG; several images are numbered (image_0.png, …)")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (used when guidance > 1)")
     p.add_argument("--height", type=int, help="image height in pixels (default: the model's size, 1024 for v2)")
@@ -121,10 +124,9 @@ def generate(args: argparse.Namespace) -> int:
     if args.image and not cascade:
         raise ValueError("--image (image variation) needs a Stable Cascade --model (model_index.json StableCascade*)")
     control_load, control_call = control_options(args, cascade)  # checked before anything is loaded
-    if args.prompts or args.out_dir:  # many prompts from a file: wurst_jax/serving/batch.py
-        if cascade:
-            raise ValueError("batch generation (--prompts) runs Würstchen v2 models only; give one PROMPT")
-        args.steps = 12 if args.steps is None else args.steps
+    if args.prompts or args.out_dir:  # many prompts from a file, either generation: wurst_jax/serving/batch.py
+        if args.image:
+            raise ValueError("--image (image variation) runs with one PROMPT, not batch generation (--prompts)")
         return run_batch(args)
     plan = check_generate(args)  # every flag, before any weights load or anything compiles
     images_in = [_open_image(f) for f in args.image or ()]
@@ -141,6 +143,7 @@ def generate(args: argparse.Namespace) -> int:
     out.parent.mkdir(exist_ok=True)  # check_generate allows one missing level, never a tree
     tiny_warnings(plan, args.prompt)
     opts = dict(dtype=getattr(jnp, args.dtype), offload=args.offload, progress=not args.quiet, mesh=mesh)
+    opts["variant"] = args.variant
     common = dict(
         height=plan.height,
         width=plan.width,

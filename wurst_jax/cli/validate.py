@@ -158,7 +158,7 @@ def check_generate(args: argparse.Namespace) -> GeneratePlan:
     if args.cache_dir is not None and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
         raise ValueError(f"--cache-dir {args.cache_dir}: not a folder")
     model, prior = check_model(args.model, args.prior)
-    spec = ModelSpec.from_folders(model, prior)
+    spec = ModelSpec.from_folders(model, prior, getattr(args, "variant", None))
     height, width = args.height or spec.default_size, args.width or spec.default_size
     check_size(spec, "--height", height)
     check_size(spec, "--width", width)

@@ -69,12 +69,15 @@ class StableCascadeDecoderPipeline:
         mesh: Mesh | None = None,
         sharding: str | None = None,
         progress: bool = True,
+        variant: str | None = None,
         compiler: CompileCache | None = None,
     ) -> StableCascadeDecoderPipeline:
-        """A `stabilityai/stable-cascade`-style folder (decoder/, vqgan/, text_encoder/, tokenizer/, scheduler/)."""
+        """A `stabilityai/stable-cascade`-style folder (decoder/, vqgan/, text_encoder/, tokenizer/, scheduler/);
+        `variant` ("bf16") reads diffusers' variant weight files."""
         plan = ShardingPlan(mesh, sharding or "dp")
         default_compilation_cache()  # the per-user persistent cache unless the caller chose (runtime.py)
-        parts = load_pipeline_folder(path, ("decoder", "vqgan", "text_encoder", "tokenizer"), dtype, offload, "", plan)
+        names = ("decoder", "vqgan", "text_encoder", "tokenizer")
+        parts = load_pipeline_folder(path, names, dtype, offload, "", plan, variant=variant)
         cfg = {k: parts["config"][k] for k in ("latent_dim_scale",) if k in parts["config"]}
         return cls(
             parts["decoder"],
@@ -210,15 +213,18 @@ class StableCascadeCombinedPipeline(LoraMixin):
         mesh: Mesh | None = None,
         sharding: str | None = None,
         progress: bool = True,
+        variant: str | None = None,
         controlnet: Any = None,
         control_type: str | None = None,
     ) -> StableCascadeCombinedPipeline:
         """`decoder`: a `stabilityai/stable-cascade`-style folder, or a combined folder (with `prior_prior/`, …);
         `prior`: a `stabilityai/stable-cascade-prior`-style folder. `offload` keeps inactive stages in host
         memory; `mesh` (`wurst_jax.make_mesh(...)`) with `sharding` "dp" (default), "fsdp" or "tp" shards them.
-        `controlnet`: a stage C ControlNet for the prior (see StableCascadePriorPipeline.from_pretrained)."""
+        `controlnet`: a stage C ControlNet for the prior (see StableCascadePriorPipeline.from_pretrained); `variant`
+        ("bf16") reads diffusers' variant weight files (`*.bf16.safetensors`, as the Hub's stable-cascade folders)."""
         compiler = CompileCache(progress)
         opts = dict(dtype=dtype, offload=offload, mesh=mesh, sharding=sharding, progress=progress, compiler=compiler)
+        opts["variant"] = variant
         if prior is None:
             prior_pipe = StableCascadePriorPipeline.from_pretrained(decoder, prefix="prior_", **opts)
         else:

@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from wurst_jax.lora.pipeline import LoraMixin
-from wurst_jax.models.clip_image import preprocess
+from wurst_jax.models.clip_image import ImageProcessorConfig, preprocess
 from wurst_jax.pipelines import args, random
 from wurst_jax.pipelines.components import Component, load_pipeline_folder
 from wurst_jax.pipelines.control import Controller
@@ -43,11 +43,22 @@ def encode_images(variables: Any, pixels: jax.Array, *, module: Any) -> jax.Arra
     return module.apply(variables, pixels).image_embeds
 
 
-def _size(value: Any, key: str, default: int) -> int:
-    """A CLIPImageProcessor size entry: an int, or a dict with `key` (`shortest_edge` / `height`)."""
-    if isinstance(value, dict):
-        value = value.get(key, value.get("height", default))
-    return int(value) if value is not None else default
+def image_processor(feature_extractor: dict | None, image_size: int) -> ImageProcessorConfig:
+    """The folder's feature_extractor (preprocessor_config.json as a dict: mean, std, size, crop_size, resample,
+    do_center_crop, ...), or without one CLIP's preprocessing at the encoder's `image_size`; ValueError when it
+    cannot give the encoder its image_size × image_size input."""
+    if feature_extractor is None:
+        return ImageProcessorConfig(size=image_size, crop_size=(image_size, image_size))
+    where = "feature_extractor/preprocessor_config.json"
+    try:
+        config = ImageProcessorConfig.from_dict(feature_extractor)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
+    out = config.output_size()
+    if out != (image_size, image_size):
+        made = f"{out[0]}×{out[1]} images" if out else "images of each input's aspect ratio (no center crop)"
+        raise ValueError(f"{where}: gives {made}; the image encoder takes {image_size}×{image_size}")
+    return config
 
 
 class ImageEncoder:
@@ -55,14 +66,11 @@ class ImageEncoder:
     `feature_extractor` (CLIPImageProcessor) says."""
 
     def __init__(self, encoder: Component, feature_extractor: dict | None, plan: ShardingPlan, compiler: CompileCache):
-        image_size = encoder.module.config.image_size
-        fe = feature_extractor or {}
-        self.size = _size(fe.get("size"), "shortest_edge", image_size)
-        self.crop = _size(fe.get("crop_size"), "height", image_size)
+        self.processor = image_processor(feature_extractor, encoder.module.config.image_size)
         self.encoder, self.plan, self.compiler = encoder, plan, compiler
 
     def __call__(self, images: Any) -> np.ndarray:
-        pixels = preprocess(images, self.size, self.crop)
+        pixels = preprocess(images, config=self.processor)
         with self.encoder.on_device() as variables:
             out = self.compiler(
                 "image_encoder", encode_images, {"module": self.encoder.module}, variables, self.plan.batch(pixels)
@@ -136,6 +144,7 @@ class StableCascadePriorPipeline(LoraMixin):
         mesh: Mesh | None = None,
         sharding: str | None = None,
         progress: bool = True,
+        variant: str | None = None,
         prefix: str = "",
         compiler: CompileCache | None = None,
         controlnet: Any = None,
@@ -143,7 +152,8 @@ class StableCascadePriorPipeline(LoraMixin):
     ) -> StableCascadePriorPipeline:
         """A `stabilityai/stable-cascade-prior`-style folder; image_encoder/ and feature_extractor/ are optional
         (needed for `images=`). `prefix` names the parts inside a combined folder (`prior_`). `controlnet`: a
-        stage C ControlNet (a converted folder / file path, or `wj.load_component`'s (module, variables))."""
+        stage C ControlNet (a converted folder / file path, or `wj.load_component`'s (module, variables)). `variant`
+        ("bf16") reads diffusers' variant weight files."""
         plan = ShardingPlan(mesh, sharding or "dp")
         default_compilation_cache()  # the per-user persistent cache unless the caller chose (runtime.py)
         parts = load_pipeline_folder(
@@ -154,6 +164,7 @@ class StableCascadePriorPipeline(LoraMixin):
             prefix,
             plan,
             optional=("image_encoder", "feature_extractor"),
+            variant=variant,
         )
         cfg = {k: parts["config"][k] for k in ("resolution_multiple",) if k in parts["config"]}
         return cls(

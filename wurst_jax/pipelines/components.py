@@ -103,11 +103,14 @@ def load_pipeline_folder(
     prefix: str = "",
     plan: ShardingPlan | None = None,
     optional: tuple[str, ...] = (),
+    variant: str | None = None,
 ) -> dict[str, Any]:
     """Load `parts` (component folder names, with `prefix` as in a combined folder) from a pipeline folder, plus
     its `config` (model_index.json) and `scheduler` (the sampler of `<prefix>scheduler/`, default DDPM-Würstchen).
     `optional` parts are loaded when their folder exists, else None (`feature_extractor`: the dict of its
-    preprocessor_config.json).
+    preprocessor_config.json). `variant` ("bf16") reads every model's diffusers variant weight files
+    (`diffusion_pytorch_model.bf16.safetensors`, `model.bf16.safetensors`, sharded or not), as diffusers'
+    `from_pretrained(variant=...)`.
     """
     root = resolve(path)
     missing = [prefix + p for p in parts if not (root / (prefix + p)).is_dir()]
@@ -131,5 +134,5 @@ def load_pipeline_folder(
         elif part == "tokenizer":
             out[part] = load_tokenizer(folder)  # CLIP without transformers (pipelines/tokenizer.py)
         else:
-            out[part] = Component(*load_with_plan(folder, plan, dtype), offload=offload)
+            out[part] = Component(*load_with_plan(folder, plan, dtype, variant=variant), offload=offload)
     return out

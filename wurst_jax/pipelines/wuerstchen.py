@@ -92,14 +92,18 @@ class WuerstchenPriorPipeline(LoraMixin):
         mesh: Mesh | None = None,
         sharding: str | None = None,
         progress: bool = True,
+        variant: str | None = None,
         prefix: str = "",
         compiler: CompileCache | None = None,
     ) -> WuerstchenPriorPipeline:
         """A `warp-ai/wuerstchen-prior`-style folder (prior/, text_encoder/, tokenizer/, scheduler/); `prefix`
-        names the parts inside a combined folder (`prior_`)."""
+        names the parts inside a combined folder (`prior_`); `variant` ("bf16") reads diffusers' variant weight
+        files."""
         default_compilation_cache()  # the per-user persistent cache unless the caller chose (runtime.py)
         plan = ShardingPlan(mesh, sharding or "dp")
-        parts = load_pipeline_folder(path, ("prior", "text_encoder", "tokenizer"), dtype, offload, prefix, plan)
+        parts = load_pipeline_folder(
+            path, ("prior", "text_encoder", "tokenizer"), dtype, offload, prefix, plan, variant=variant
+        )
         keys = ("latent_mean", "latent_std", "resolution_multiple")
         cfg = {k: parts["config"][k] for k in keys if k in parts["config"]}
         return cls(
@@ -253,12 +257,15 @@ class WuerstchenDecoderPipeline:
         mesh: Mesh | None = None,
         sharding: str | None = None,
         progress: bool = True,
+        variant: str | None = None,
         compiler: CompileCache | None = None,
     ) -> WuerstchenDecoderPipeline:
-        """A `warp-ai/wuerstchen`-style folder (decoder/, vqgan/, text_encoder/, tokenizer/, scheduler/)."""
+        """A `warp-ai/wuerstchen`-style folder (decoder/, vqgan/, text_encoder/, tokenizer/, scheduler/);
+        `variant` ("bf16") reads diffusers' variant weight files."""
         default_compilation_cache()  # the per-user persistent cache unless the caller chose (runtime.py)
         plan = ShardingPlan(mesh, sharding or "dp")
-        parts = load_pipeline_folder(path, ("decoder", "vqgan", "text_encoder", "tokenizer"), dtype, offload, "", plan)
+        names = ("decoder", "vqgan", "text_encoder", "tokenizer")
+        parts = load_pipeline_folder(path, names, dtype, offload, "", plan, variant=variant)
         cfg = {k: parts["config"][k] for k in ("latent_dim_scale",) if k in parts["config"]}
         return cls(
             parts["tokenizer"],
@@ -362,12 +369,15 @@ class WuerstchenPipeline(LoraMixin):
         mesh: Mesh | None = None,
         sharding: str | None = None,
         progress: bool = True,
+        variant: str | None = None,
     ) -> WuerstchenPipeline:
         """`decoder`: a `warp-ai/wuerstchen`-style folder, or a combined folder (with `prior_prior/`, …);
         `prior`: a `warp-ai/wuerstchen-prior`-style folder. `offload` keeps inactive stages in host memory;
-        `mesh` (`wurst_jax.make_mesh(...)`) with `sharding` "dp" (default), "fsdp" or "tp" shards every stage."""
+        `mesh` (`wurst_jax.make_mesh(...)`) with `sharding` "dp" (default), "fsdp" or "tp" shards every stage;
+        `variant` ("bf16") reads diffusers' variant weight files (`*.bf16.safetensors`)."""
         compiler = CompileCache(progress)
         opts = dict(dtype=dtype, offload=offload, mesh=mesh, sharding=sharding, progress=progress, compiler=compiler)
+        opts["variant"] = variant
         if prior is None:
             prior_pipe = WuerstchenPriorPipeline.from_pretrained(decoder, prefix="prior_", **opts)
         else:

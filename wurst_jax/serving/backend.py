@@ -5,7 +5,9 @@ any weights (its default size and guidance, which sizes it can make, a digest fo
 limit) and loads the pipeline; `generate_images` runs one batch through a pipeline that takes diffusers' combined
 pipeline arguments (`prompt`, `negative_prompt`, `height`, `width`, `prior_num_inference_steps`,
 `prior_guidance_scale`, `num_inference_steps`, `decoder_guidance_scale`, `num_images_per_prompt`, `seed`,
-`output_type`). A second model family needs a `ModelSpec` of its own and nothing else.
+`output_type`). Both generations run through it: a decoder folder whose model_index.json names a
+`StableCascade*` pipeline is Stable Cascade (`ModelSpec.generation`, read as `wurst-jax generate` reads it), anything
+else Würstchen v2; the spec picks the pipeline class and the generation's default schedules.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 TINY_MODEL = Path(__file__).resolve().parents[1] / "assets" / "tiny"
+DEFAULT_STEPS = {"v2": 12, "cascade": 10}  # decoder steps (diffusers' combined v2 / Stable Cascade decoder defaults)
+CASCADE_PRIOR_STEPS = 20  # diffusers' StableCascadePriorPipeline default
 MAX_SIZE = 16384  # pixels per side; far beyond what any stage was trained for, a guard against typos
 
 
@@ -117,9 +121,23 @@ def _digest(folder: Path) -> str | None:
     return None
 
 
+def check_variant(folder: Path, variant: str) -> None:
+    """Every weight-holding component folder of a pipeline folder has `variant` files (`<stem>.<variant>.safetensors`
+    or `<stem>.safetensors.index.<variant>.json`); ValueError naming the first that has not, before any loading."""
+    if not variant or not variant.replace("_", "").isalnum():
+        raise ValueError(f"--variant must be a word such as 'bf16', got {variant!r}")
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and (p / "config.json").is_file()):
+        weights = sorted(p.name for p in sub.glob("*.safetensors*"))
+        if weights and not any(f".{variant}." in name for name in weights):
+            raise ValueError(
+                f"--variant {variant}: {sub} has no {variant} weight files (such as diffusion_pytorch_model."
+                f"{variant}.safetensors or model.{variant}.safetensors); it has {', '.join(weights[:3])}"
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """A Würstchen v2 model as its folders describe it, before any weights load.
+    """A Würstchen v2 or Stable Cascade model as its folders describe it, before any weights load.
 
     `resolution_multiple`, `latent_dim_scale` and the decoder's `downscale` decide which sizes the model can
     make: the prior grid is ceil(size / resolution_multiple), the decoder grid int(grid · latent_dim_scale),
@@ -133,11 +151,13 @@ class ModelSpec:
     resolution_multiple: float = 42.67
     latent_dim_scale: float = 10.67
     downscale: int = 16
+    generation: str = "v2"  # "cascade": the decoder folder's model_index.json names a StableCascade* pipeline
+    variant: str | None = None  # diffusers' variant weight files to load ("bf16": `*.bf16.safetensors`)
 
     @classmethod
-    def from_folders(cls, model: str | None = None, prior: str | None = None) -> ModelSpec:
+    def from_folders(cls, model: str | None = None, prior: str | None = None, variant: str | None = None) -> ModelSpec:
         """`model` a decoder folder or a combined one (with prior_prior/), `prior` a prior folder; no `model`:
-        the tiny model shipped with wurst_jax."""
+        the tiny model shipped with wurst_jax. `variant` ("bf16") names the weight files `load` reads."""
         if model is None:
             if prior is not None:
                 raise ValueError("--prior needs --model")
@@ -151,6 +171,10 @@ class ModelSpec:
             raise ValueError(f"{dec}: has no prior_prior/ (not a combined folder); give the prior folder with --prior")
         if not (dec / "decoder" / "config.json").is_file():
             raise ValueError(f"{dec}: missing decoder/config.json; expected a decoder pipeline folder")
+        if variant is not None:
+            for folder in (dec, pri):
+                if folder is not None:
+                    check_variant(folder, variant)
         index, prior_index = _json(dec / "model_index.json"), _json((pri or dec) / "model_index.json")
         cfg = _json(dec / "decoder" / "config.json")
         try:
@@ -161,7 +185,10 @@ class ModelSpec:
                 downscale = StableCascadeUNetConfig(**{k: v for k, v in cfg.items() if k in keys}).downscale
             else:
                 downscale = int(cfg.get("patch_size", 2)) * 2 ** (len(cfg.get("c_hidden", (0,) * 4)) - 1)
+            name = index.get("_class_name", "")
             return cls(
+                generation="cascade" if isinstance(name, str) and name.startswith("StableCascade") else "v2",
+                variant=variant,
                 decoder=dec.resolve(),
                 prior=None if pri is None else pri.resolve(),
                 default_size=int(index.get("default_size", 1024)),
@@ -175,10 +202,18 @@ class ModelSpec:
 
     @property
     def prior_defaults(self) -> dict:
-        """Keyword arguments for the model's own prior schedule (v2: the authors' 29 timesteps)."""
+        """Keyword arguments for the model's own prior schedule (v2: the authors' 29 timesteps; Stable Cascade:
+        20 evenly spaced steps, diffusers' prior default)."""
+        if self.generation == "cascade":
+            return {"prior_num_inference_steps": CASCADE_PRIOR_STEPS}
         from wurst_jax import DEFAULT_STAGE_C_TIMESTEPS
 
         return {"prior_timesteps": DEFAULT_STAGE_C_TIMESTEPS}
+
+    @property
+    def default_steps(self) -> int:
+        """Decoder steps when a request sets none (v2 12, Stable Cascade 10)."""
+        return DEFAULT_STEPS[self.generation]
 
     def _grid_ok(self, grid: int) -> bool:
         size = int(grid * self.latent_dim_scale)
@@ -206,7 +241,7 @@ class ModelSpec:
         return out
 
     def tokenizer(self) -> Any:
-        """The prior's CLIP tokenizer (the decoder's is the same vocabulary in v2): for the prompt length limit."""
+        """The prior's CLIP tokenizer (the decoder's is the same vocabulary): for the prompt length limit."""
         from transformers import AutoTokenizer
 
         folder = self.prior / "tokenizer" if self.prior is not None else self.decoder / "prior_tokenizer"
@@ -221,17 +256,19 @@ class ModelSpec:
         return (lambda text: len(tok(strip_weights(text), verbose=False).input_ids)), int(tok.model_max_length)
 
     def load(self, dtype: Any = None, mesh: Any = None, sharding: str | None = None, **kwargs: Any) -> Any:
-        """The pipeline (`offload`, `progress` pass through to `from_pretrained`)."""
+        """The generation's combined pipeline (`offload`, `progress` pass through to `from_pretrained`)."""
         import jax.numpy as jnp
 
         import wurst_jax as wj
 
-        return wj.WuerstchenPipeline.from_pretrained(
+        cls = wj.StableCascadeCombinedPipeline if self.generation == "cascade" else wj.WuerstchenPipeline
+        return cls.from_pretrained(
             decoder=self.decoder,
             prior=self.prior,
             dtype=jnp.bfloat16 if dtype is None else dtype,
             mesh=mesh,
             sharding=sharding,
+            variant=self.variant,
             **kwargs,
         )
 

@@ -258,7 +258,7 @@ def _defaults(args: argparse.Namespace, spec: ModelSpec) -> Defaults:
         num_images=args.num_images,
         prior_steps=args.prior_steps,
         prior_guidance=args.prior_guidance,
-        steps=args.steps,
+        steps=spec.default_steps if args.steps is None else args.steps,
         decoder_guidance=spec.default_decoder_guidance if args.decoder_guidance is None else args.decoder_guidance,
     )
     try:
@@ -273,7 +273,7 @@ def _run(args: argparse.Namespace, flag: StopFlag) -> int:
         raise ValueError("batch mode takes --prompts FILE and --out-dir DIR, and no PROMPT")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be ≥ 1, got {args.batch_size}")
-    spec = ModelSpec.from_folders(args.model, args.prior)
+    spec = ModelSpec.from_folders(args.model, args.prior, getattr(args, "variant", None))
     jobs = parse_prompt_file(args.prompts, _defaults(args, spec), spec)  # every line checked before any loading
 
     import jax
@@ -296,6 +296,8 @@ def _run(args: argparse.Namespace, flag: StopFlag) -> int:
     writer = jax.process_index() == 0
     out_dir = Path(args.out_dir)
     made_with = {"model": spec.provenance(), "dtype": args.dtype}
+    if spec.variant is not None:  # other weight files: images of another variant are not resumed as done
+        made_with["variant"] = spec.variant
     mask, lock = _prepare_out_dir(out_dir, jobs, made_with, writer)
     todo = [j for j, done in zip(jobs, mask, strict=True) if not done]
     show = not args.quiet and writer

@@ -39,7 +39,7 @@ RESULTS = "results.jsonl"
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # what an image was made from: a listed image counts as done only if all of these equal the planned ones
 MATCH_KEYS = ("prompt", "negative_prompt", "seed", "height", "width", "prior_steps", "prior_guidance", "steps")
-MATCH_KEYS += ("decoder_guidance", "dtype", "model_digests")
+MATCH_KEYS += ("decoder_guidance", "dtype", "variant", "model_digests")
 
 
 def check_int(key: str, value: Any, low: int, high: int) -> int:
@@ -75,6 +75,12 @@ class Defaults:
     prior_guidance: float = 4.0
     steps: int = 12
     decoder_guidance: float = 0.0
+
+    @classmethod
+    def for_model(cls, spec: ModelSpec, **overrides: Any) -> Defaults:
+        """The model's own defaults: its size, decoder steps (v2 12, Stable Cascade 10) and decoder guidance."""
+        own = dict(steps=spec.default_steps, decoder_guidance=spec.default_decoder_guidance)
+        return cls(spec.default_size, spec.default_size, **{**own, **overrides})
 
 
 @dataclasses.dataclass(frozen=True)

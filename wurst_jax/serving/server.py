@@ -137,8 +137,13 @@ def create_app(engine: Engine, parse: Callable[[Any], tuple[Settings, list[Row]]
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="HTTP image API (OpenAI Images shape) with dynamic batching", description=__doc__)
-    p.add_argument("--model", help="decoder or combined folder (default: the shipped tiny model)")
+    p.add_argument(
+        "--model",
+        help="decoder or combined folder, Würstchen v2 or Stable Cascade (its model_index.json picks the generation; "
+        "default: the shipped tiny v2 model)",
+    )
     p.add_argument("--prior", help="prior folder (omit with a combined folder)")
+    p.add_argument("--variant", help="read the folders' variant weight files, e.g. bf16 (*.bf16.safetensors)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
     p.add_argument("--max-batch", type=int, help="images per compiled batch (default 8, a multiple of the data axis)")
@@ -175,7 +180,7 @@ def run_serve(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
     except ImportError:
         raise ValueError("needs the serve extra: pip install 'wurst_jax[serve]' (starlette, uvicorn)") from None
-    spec = ModelSpec.from_folders(args.model, args.prior)
+    spec = ModelSpec.from_folders(args.model, args.prior, args.variant)
     sizes = _check_serve_args(args, spec)
     try:
         family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
@@ -195,7 +200,7 @@ def run_serve(args: argparse.Namespace) -> int:
     max_batch = args.max_batch or -(-8 // data) * data
     if max_batch % data:
         raise ValueError(f"--max-batch {max_batch} must be a multiple of the mesh's data axis ({data})")
-    defaults = Defaults(spec.default_size, spec.default_size, decoder_guidance=spec.default_decoder_guidance)
+    defaults = Defaults.for_model(spec)
     count_tokens, max_tokens = spec.token_counter()
     sharding = (args.sharding or "dp") if mesh is not None else None
     real = sys.stderr
