@@ -5,6 +5,7 @@ draws, stage C stays bit-equal, a resumed run is bit-identical, bad keys exit 2 
 
 import dataclasses
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -29,11 +30,17 @@ SR = ControlNetConfig(c_in=16, c_proj=16, proj_blocks=(0, 5), bottleneck_mode="s
 EFFNET = EfficientNetConfig(c_latent=16, c_cond=48, effnet="tiny", mapper_affine=False)
 
 
-def randomized(module, variables, seed=1, scale=0.2):
-    leaves, tree = jax.tree_util.tree_flatten(variables["params"])
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    noisy = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)]
-    return module, {**variables, "params": jax.tree_util.tree_unflatten(tree, noisy)}
+def randomized(module, x, seed=1, scale=0.2):
+    """(module, its variables with noise on every parameter), made in one jit (op by op is slow)."""
+
+    def make():
+        variables = module.init(jax.random.key(seed), x)
+        leaves, tree = jax.tree_util.tree_flatten(variables["params"])
+        keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+        noisy = [p + scale * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys, strict=True)]
+        return {**variables, "params": jax.tree_util.tree_unflatten(tree, noisy)}
+
+    return module, jax.jit(make)()
 
 
 def picture(seed, size=SIZE):
@@ -47,10 +54,8 @@ def sc(tmp_path_factory):
     root = tmp_path_factory.mktemp("sc")
     build(root)
     pipe = wj.StableCascadePriorPipeline.from_pretrained(root / "stable-cascade-prior", progress=False)
-    cn = StableCascadeControlNet(SR)
-    cn = randomized(cn, cn.init(jax.random.key(0), jnp.zeros((1, 8, 8, 16))))
-    eff = EfficientNetEncoder(EFFNET)
-    eff = randomized(eff, eff.init(jax.random.key(2), jnp.zeros((1, 64, 64, 3))), 3, 0.05)
+    cn = randomized(StableCascadeControlNet(SR), jnp.zeros((1, 8, 8, 16)))
+    eff = randomized(EfficientNetEncoder(EFFNET), jnp.zeros((1, 64, 64, 3)), 3, 0.05)
     wj.export_component(*eff, root / "effnet")
     (file,) = wj.export_component(*cn, root / "export").glob("*.safetensors")
     config = json.dumps(dataclasses.asdict(SR))
@@ -74,7 +79,7 @@ def test_sr_condition_is_nearest_half_effnet_nearest_double_and_drives_the_prior
     # encoder, nearest ×2 (each value twice along both axes)
     x = (img.astype(np.float32) / 255)[None, ::2, ::2]
     x = (x - np.float32([0.485, 0.456, 0.406])) / np.float32([0.229, 0.224, 0.225])
-    emb = np.asarray(eff[0].apply(eff[1], jnp.asarray(x)), np.float32)
+    emb = np.asarray(jax.jit(eff[0].apply)(eff[1], jnp.asarray(x)), np.float32)
     want_cond = emb.repeat(2, axis=1).repeat(2, axis=2)
     got_cond = pipe.controller.condition(img)
     assert got_cond.shape == (1, SIZE[0] // 32, SIZE[1] // 32, 16)
@@ -223,3 +228,111 @@ def test_prior_pipeline_shift(sc):
     shifted = pipe("a dog", shift=2.0, **KW).image_embeddings
     assert rel_err(shifted, plain) > 1e-3
     assert sum(1 for key in pipe.compiler._executables if key[0] == "prior") == compiles
+
+
+# ---------------------------------------------------------------- training
+
+
+def shards(folder, n=4, size=64, grid=6):
+    """One shard of n samples: block pictures (edges for Canny), captions and stage C latents."""
+    rng = np.random.default_rng(5)
+    images = np.zeros((n, size, size, 3), np.uint8)
+    for img in images:
+        for _ in range(3):
+            y, x = rng.integers(0, size - 16, 2)
+            img[y : y + 16, x : x + 24] = rng.integers(0, 256, 3)
+    folder.mkdir()
+    np.savez(
+        folder / "shard-00000.npz",
+        captions=np.array([f"shape {i}" for i in range(n)]),
+        image_embeddings=rng.standard_normal((n, grid, grid, 16)).astype(np.float32),
+        images=images,
+    )
+    return folder
+
+
+MODEL = {"c_proj": 16, "proj_blocks": [0, 5], "effnet": "tiny", "c_embd": 48}
+
+
+def train_config(root, tmp, **over):
+    cfg = {"out": str(tmp / "run"), "init": str(root / "stable-cascade-prior"), "data": str(tmp / "data"),
+           "steps": 3, "batch_size": 2, "lr": 3e-3, "warmup_steps": 1, "ema_decay": 0.0, "cond_dropout": 0.0,
+           "log_every": 1, "ckpt_every": 1, "controlnet": {"filter": "canny", "model": MODEL,
+                                                            "stage_c_dropout": False}}  # fmt: skip
+    cfg.update(over)
+    (tmp / "cn.json").write_text(json.dumps(cfg))
+    return tmp / "cn.json"
+
+
+def test_train_c_controlnet_lowers_the_loss_keeps_stage_c_and_resumes_bit_identically(sc, tmp_path):
+    from transformers import AutoTokenizer
+
+    from wurst_jax.controlnet import train as cn_train
+    from wurst_jax.controlnet.training import controlnet_loss
+    from wurst_jax.pipelines.prompts import caption_tokens
+    from wurst_jax.train.config import finetune_config, read_config
+
+    root = sc[0]
+    data = shards(tmp_path / "data")
+    path = train_config(root, tmp_path)
+    cfg = finetune_config(read_config(path), "c-controlnet", str(path))
+    folder, state = cn_train.train_controlnet(cfg, log=lambda _: None)
+    unet, unet_vars = wj.load_component(root / "stable-cascade-prior" / "prior")
+    for p, leaf in jax.tree_util.tree_leaves_with_path(state.frozen["stage_c"]):  # stage C: never updated
+        want = unet_vars["params"]
+        for k in p:
+            want = want[k.key]
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want))
+
+    # the loss on fixed draws (4 keys, all samples), the fresh ControlNet against the trained one (ema_decay 0:
+    # the export is the trained weights)
+    text, text_vars = wj.load_component(root / "stable-cascade-prior" / "text_encoder")
+    tok = AutoTokenizer.from_pretrained(str(root / "stable-cascade-prior" / "tokenizer"))
+    raw = dict(np.load(data / "shard-00000.npz"))
+    ids, mask = caption_tokens(tok, list(raw["captions"]))
+    host = {"ids": ids, "mask": mask, "latents": raw["image_embeddings"], "condition": cn_train.host_condition(
+        "canny", raw["images"], 0, 0, 0.4)}  # fmt: skip
+    batch = cn_train.prepare_fn("canny", text, None)({"text_encoder": text_vars}, host)
+    fresh, fresh_vars = cn_train.new_controlnet(cfg.controlnet.model, 0)
+    trained, trained_vars = wj.load_component(folder)
+    assert trained.config == fresh.config
+
+    def mean_loss(cn_vars):
+        loss = controlnet_loss(unet, fresh, stage_c_dropout=False)
+        params = {"controlnet": cn_vars["params"], "stage_c": unet_vars["params"]}
+        keys = jax.random.split(jax.random.key(7), 4)
+        return jnp.mean(jax.vmap(lambda k: loss(params, {"controlnet": cn_vars["batch_stats"]}, k, batch)[0])(keys))
+
+    mean_loss = jax.jit(mean_loss)
+    before, after = float(mean_loss(fresh_vars)), float(mean_loss(trained_vars))
+    print(f"c-controlnet: loss on fixed draws {before:.4f} -> {after:.4f} in 3 steps")
+    assert after < 0.95 * before
+
+    # resume: drop the last checkpoint and the export; the CLI resumes at step 2 and ends where the run ended
+    exported = {f.name: f.read_bytes() for f in folder.iterdir()}
+    shutil.rmtree(tmp_path / "run" / "ckpt_c-controlnet" / "3")
+    shutil.rmtree(folder)
+    assert main(["train", "--stage", "c-controlnet", "--config", str(path), "--no-cache"]) == 0
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == exported
+
+
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        ({"controlnet": {"filter": "hed"}}, "'filter' must be"),
+        ({"controlnet": {"filter": "canny", "colour": 1}}, "unknown keys ['colour']"),
+        ({"controlnet": {"filter": "sr"}}, "needs 'effnet'"),
+        ({"controlnet": {"filter": "canny", "model": {"c_in": 3}}}, "'controlnet.model.c_in' must be 1"),
+        ({"controlnet": {"filter": "canny", "model": {"c_proj": "wide"}}}, "'controlnet.model.c_proj'"),
+        ({"controlnet": {"filter": "canny", "offset_noise": -1}}, "'offset_noise' must be"),
+        ({"controlnet": "canny"}, "must be an object"),
+        ({"controlnet": {"filter": "canny"}, "lora_rank": 4}, "lora_rank"),
+        ({"controlnet": None}, "must be an object"),
+        ({"steps": 0}, "'steps' must be"),
+    ],
+)
+def test_train_c_controlnet_bad_config_exits_2_in_one_line(tmp_path, capsys, over, message):
+    path = train_config(tmp_path, tmp_path, **over)
+    assert main(["train", "--stage", "c-controlnet", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(path) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
