@@ -3,10 +3,11 @@
 A config is one JSON object. Run settings (`RunConfig`'s fields) sit at top level and may be overridden per stage
 in a section named after the stage ("a", "b", "c"; the tiny recipe also "a-decoder"). A config with `init` (at top
 level or in a section) fine-tunes a checkpoint (`FinetuneConfig`); without, it trains the tiny model from scratch
-(`TinyRun`: `out`, `size`, `model` plus the run settings). Every key is checked: an unknown one, a value of the
-wrong type or out of range, a section that is not an object, a file that is not JSON — each is one `ValueError`
-naming the file and the key (`run.json: section 'c': key 'lr' must be a number > 0, got 'fast'`), which the CLI
-prints as one line and exits 2 on.
+(`TinyRun`: `out`, `size`, `model` plus the run settings). Stage "c-controlnet" (a Stable Cascade ControlNet) is a
+fine-tune with a "controlnet" object (`controlnet_run`, `ControlNetRun`). Every key is checked: an unknown one, a
+value of the wrong type or out of range, a section that is not an object, a file that is not JSON — each is one
+`ValueError` naming the file and the key (`run.json: section 'c': key 'lr' must be a number > 0, got 'fast'`),
+which the CLI prints as one line and exits 2 on.
 """
 
 from __future__ import annotations
@@ -266,7 +267,8 @@ def finetune_config(raw: dict, stage: str | None, name: str = "config") -> Finet
         if stage is None:
             raise ValueError(f"{name}: a fine-tune (a config with 'init') needs --stage a, b, c or c-controlnet")
         raise ValueError(
-            f"{name}: fine-tuning (a config with 'init') trains stage a, b, c or c-controlnet, not {stage!r}"
+            f"{name}: fine-tuning (a config with 'init') trains stage a, b or c (or a ControlNet: c-controlnet), "
+            f"not {stage!r}"
         )
     run_keys = set(RUN_CHECKS) - {"data_workers"}  # no rendering: shards are read
     known = run_keys | set(FINETUNE_KEYS)
