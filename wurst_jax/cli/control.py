@@ -1,5 +1,10 @@
-"""`wurst-jax generate --control canny|inpaint --controlnet PATH --control-image FILE [--mask FILE]
-[--control-scale S]`: the Stable Cascade stage C ControlNet flags, checked before anything is loaded."""
+"""`wurst-jax generate --control canny|inpaint|sr --controlnet PATH --control-image FILE [--mask FILE]
+[--effnet PATH] [--control-scale S] [--shift S]`: the Stable Cascade stage C ControlNet flags and the stage C
+schedule shift, checked before anything is loaded.
+
+`--control sr` needs Stable Cascade's EfficientNet encoder, given explicitly with `--effnet PATH` (the original
+`effnet_encoder.safetensors` converted with `wurst-jax convert --stage effnet`, or any folder `load_component`
+reads as an effnet): no released diffusers folder holds it, so it is not looked for."""
 
 from __future__ import annotations
 
@@ -14,27 +19,48 @@ def add_control_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--control",
         choices=CONTROLS,
-        help="Stable Cascade ControlNet kind: canny (edges of --control-image), inpaint (with --mask); sr is not "
-        "wired to the CLI yet",
+        help="Stable Cascade ControlNet kind: canny (edges of --control-image), inpaint (with --mask), sr "
+        "(super-resolution of --control-image, with --effnet)",
     )
     p.add_argument("--controlnet", metavar="PATH", help="the ControlNet: a converted folder (wurst-jax convert)")
     p.add_argument("--control-image", metavar="FILE", help="the image the ControlNet's condition is made from")
     p.add_argument("--mask", metavar="FILE", help="inpaint mask image: white = generate, black = keep")
     p.add_argument("--control-scale", type=float, default=None, help="controlnet_conditioning_scale (default 1.0)")
+    p.add_argument(
+        "--effnet", metavar="PATH", help="--control sr: Stable Cascade's EfficientNet encoder (a converted folder)"
+    )
+    p.add_argument(
+        "--shift",
+        type=float,
+        default=None,
+        help="Stable Cascade stage C schedule shift (the original notebooks sample with 2; default 1: diffusers')",
+    )
 
 
 def control_options(args: argparse.Namespace, cascade: bool) -> tuple[dict, dict]:
     """(from_pretrained kwargs, call kwargs) for the control flags; ValueError (exit 2) on a bad combination."""
+    shift = {}
+    if args.shift is not None:
+        if not cascade:
+            raise ValueError("--shift is a Stable Cascade stage C option: it needs a StableCascade --model")
+        if not 0 < args.shift < float("inf"):
+            raise ValueError(f"--shift must be a finite number > 0, got {args.shift}")
+        shift = {"prior_shift": args.shift}
     flags = {"--controlnet": args.controlnet, "--control-image": args.control_image, "--mask": args.mask}
-    given = [f for f, v in {**flags, "--control-scale": args.control_scale}.items() if v is not None]
+    flags.update({"--effnet": args.effnet, "--control-scale": args.control_scale})
+    given = [f for f, v in flags.items() if v is not None]
     if args.control is None:
         if given:
-            raise ValueError(f"{given[0]} needs --control canny|inpaint")
-        return {}, {}
+            raise ValueError(f"{given[0]} needs --control canny|inpaint|sr")
+        return {}, shift
     if not cascade:
         raise ValueError("--control needs a Stable Cascade --model (model_index.json StableCascade*)")
-    if args.control == "sr":
-        raise ValueError("--control sr is not available from the CLI yet (it needs the EfficientNet encoder)")
+    if args.control == "sr" and args.effnet is None:
+        raise ValueError("--control sr needs --effnet PATH (Stable Cascade's EfficientNet encoder, converted)")
+    if args.control != "sr" and args.effnet is not None:
+        raise ValueError(f"--effnet is for --control sr, not --control {args.control}")
+    if args.effnet is not None and not Path(args.effnet).is_dir():
+        raise ValueError(f"--effnet {args.effnet}: no such folder (convert effnet_encoder.safetensors first)")
     if args.prompts or args.out_dir:
         raise ValueError("--control runs with one PROMPT, not batch generation (--prompts)")
     if args.controlnet is None or args.control_image is None:
@@ -48,11 +74,12 @@ def control_options(args: argparse.Namespace, cascade: bool) -> tuple[dict, dict
     scale = 1.0 if args.control_scale is None else args.control_scale
     if not scale >= 0 or scale == float("inf"):
         raise ValueError(f"--control-scale must be a finite number >= 0, got {args.control_scale}")
-    call: dict[str, Any] = {"control_image": _image(args.control_image, "--control-image")}
+    call: dict[str, Any] = {**shift, "control_image": _image(args.control_image, "--control-image")}
     call["controlnet_conditioning_scale"] = scale
     if args.mask is not None:
         call["mask_image"] = _image(args.mask, "--mask").convert("L")
-    return {"controlnet": args.controlnet, "control_type": args.control}, call
+    load = {"controlnet": args.controlnet, "control_type": args.control}
+    return {**load, "effnet": args.effnet} if args.effnet is not None else load, call
 
 
 def _image(path: str, flag: str):

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 _F32 = np.float32
@@ -169,12 +170,20 @@ def super_resolution(effnet: Any, effnet_variables: Any, images: Any, scale: flo
     """The original's `SREffnetFilter`: images [B, H, W, 3] in [0, 1] → (condition [B, h, w, 16] float32, the
     low-resolution preview [B, H', W', 3]). The images are downscaled by `scale` (nearest), normalised (ImageNet
     mean / std) and encoded by `effnet` (Stable Cascade's `EfficientNetEncoder`, `mapper_affine=False`) at that
-    size; the embedding and the small image are then upscaled by 1 / scale (nearest). Runs on the device."""
+    size; the embedding and the small image are then upscaled by 1 / scale (nearest). Runs on the device, as one
+    compiled function per module and image size (jitted: the encoder op by op is slow)."""
+    import jax.numpy as jnp
+
+    x = jnp.asarray(as_float_images(images) if not hasattr(images, "devices") else images, jnp.float32)
+    return _super_resolution(effnet, float(scale), effnet_variables, x)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _super_resolution(effnet: Any, scale: float, effnet_variables: Any, x: Any) -> tuple[Any, Any]:
     import jax.numpy as jnp
 
     from wurst_jax.models.effnet import normalize
 
-    x = jnp.asarray(as_float_images(images) if not hasattr(images, "devices") else images, jnp.float32)
     up = 1.0 / scale
 
     def nearest(a: Any, factor: float) -> Any:

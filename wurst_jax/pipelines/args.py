@@ -63,11 +63,15 @@ def check_output_type(value: Any, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def schedule(sampler: Sampler, name: str, steps: Any, timesteps: Any, t_start: float = 1.0) -> np.ndarray:
-    """The sampler's timesteps [S + 1] from `steps` or explicit `timesteps`; errors name the argument."""
+def schedule(
+    sampler: Sampler, name: str, steps: Any, timesteps: Any, t_start: float = 1.0, shift: float = 1.0
+) -> np.ndarray:
+    """The sampler's timesteps [S + 1] from `steps` or explicit `timesteps`, shifted by `shift` (1: not; only
+    passed on when not 1, so a sampler without the option still runs unshifted); errors name the argument."""
+    opts = {} if isinstance(shift, int | float) and not isinstance(shift, bool) and shift == 1 else {"shift": shift}
     try:
         if timesteps is not None:
-            return sampler.timesteps(timesteps=list(timesteps), t_start=t_start)
-        return sampler.timesteps(num_inference_steps=check_int(name, steps), t_start=t_start)
+            return sampler.timesteps(timesteps=list(timesteps), t_start=t_start, **opts)
+        return sampler.timesteps(num_inference_steps=check_int(name, steps), t_start=t_start, **opts)
     except ValueError as e:
         raise ValueError(f"{e} (pipeline argument `{name}` / its timesteps)") from None

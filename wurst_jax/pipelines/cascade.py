@@ -216,12 +216,14 @@ class StableCascadeCombinedPipeline(LoraMixin):
         variant: str | None = None,
         controlnet: Any = None,
         control_type: str | None = None,
+        effnet: Any = None,
     ) -> StableCascadeCombinedPipeline:
         """`decoder`: a `stabilityai/stable-cascade`-style folder, or a combined folder (with `prior_prior/`, …);
         `prior`: a `stabilityai/stable-cascade-prior`-style folder. `offload` keeps inactive stages in host
         memory; `mesh` (`wurst_jax.make_mesh(...)`) with `sharding` "dp" (default), "fsdp" or "tp" shards them.
-        `controlnet`: a stage C ControlNet for the prior (see StableCascadePriorPipeline.from_pretrained); `variant`
-        ("bf16") reads diffusers' variant weight files (`*.bf16.safetensors`, as the Hub's stable-cascade folders)."""
+        `controlnet`: a stage C ControlNet for the prior, `effnet`: the EfficientNet encoder an sr ControlNet needs
+        (see StableCascadePriorPipeline.from_pretrained); `variant` ("bf16") reads diffusers' variant weight files
+        (`*.bf16.safetensors`, as the Hub's stable-cascade folders)."""
         compiler = CompileCache(progress)
         opts = dict(dtype=dtype, offload=offload, mesh=mesh, sharding=sharding, progress=progress, compiler=compiler)
         opts["variant"] = variant
@@ -230,12 +232,13 @@ class StableCascadeCombinedPipeline(LoraMixin):
         else:
             prior_pipe = StableCascadePriorPipeline.from_pretrained(prior, **opts)
         if controlnet is not None:
-            prior_pipe.load_controlnet(controlnet, control_type)
+            prior_pipe.load_controlnet(controlnet, control_type, effnet)
         return cls(prior_pipe, StableCascadeDecoderPipeline.from_pretrained(decoder, **opts))
 
-    def load_controlnet(self, controlnet: Any, control_type: str | None = None) -> None:
-        """Attach a stage C ControlNet to the prior (path or (module, variables)); None detaches it."""
-        self.prior_pipe.load_controlnet(controlnet, control_type)
+    def load_controlnet(self, controlnet: Any, control_type: str | None = None, effnet: Any = None) -> None:
+        """Attach a stage C ControlNet to the prior (path or (module, variables); an sr one with its `effnet`);
+        None detaches it."""
+        self.prior_pipe.load_controlnet(controlnet, control_type, effnet)
 
     def __call__(
         self,
@@ -265,6 +268,7 @@ class StableCascadeCombinedPipeline(LoraMixin):
         control_image: Any = None,
         controlnet_conditioning_scale: float = 1.0,
         mask_image: Any = None,
+        prior_shift: float = 1.0,
     ) -> ImagePipelineOutput:
         """Arguments and defaults as diffusers' StableCascadeCombinedPipeline (512², 60 prior and 12 decoder
         steps), with `seed` for generators and honoured `prior_timesteps` / `decoder_timesteps`.
@@ -273,7 +277,8 @@ class StableCascadeCombinedPipeline(LoraMixin):
         diffusers); with decoder guidance > 1 and no prior guidance the negative ones are encoded here (diffusers
         fails there). `latents` [N, h, w, 16], `decoder_latents` [N, H, W, 4] and the `*_step_noise` arrays
         [S, N, ...] replace what `seed` would draw (for exact replays). `control_image`,
-        `controlnet_conditioning_scale`, `mask_image`: the prior's ControlNet inputs (see the prior pipeline).
+        `controlnet_conditioning_scale`, `mask_image`: the prior's ControlNet inputs, `prior_shift` its schedule
+        shift (see the prior pipeline).
         """
         n_per = args.check_int("num_images_per_prompt", num_images_per_prompt)
         if prompt is not None:
@@ -291,7 +296,7 @@ class StableCascadeCombinedPipeline(LoraMixin):
             prompt, images, height, width, prior_num_inference_steps, prior_timesteps, prior_guidance_scale,
             negative_prompt, prompt_embeds, prompt_embeds_pooled, negative_prompt_embeds,
             negative_prompt_embeds_pooled, image_embeds, n_per, seed, latents, prior_step_noise,
-            control=(control_image, controlnet_conditioning_scale, mask_image),
+            control=(control_image, controlnet_conditioning_scale, mask_image), shift=prior_shift,
         )  # fmt: skip
 
         def negatives() -> np.ndarray:  # the prior ran without guidance: encode them as it would have

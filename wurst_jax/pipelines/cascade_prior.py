@@ -114,6 +114,7 @@ class StableCascadePriorPipeline(LoraMixin):
         compiler: CompileCache | None = None,
         controlnet: Any = None,
         control_type: str | None = None,
+        effnet: Any = None,
     ):
         self.plan, self.compiler = setup_plan(mesh, sharding, progress, compiler)
         self.text = TextEncoder(tokenizer, text_encoder, self.plan, self.compiler)
@@ -124,7 +125,8 @@ class StableCascadePriorPipeline(LoraMixin):
         self.resolution_multiple, self.progress = resolution_multiple, progress
         self.controller = None
         if controlnet is not None:
-            self.controller = controlnet if isinstance(controlnet, Controller) else Controller(controlnet, control_type)
+            given = isinstance(controlnet, Controller)
+            self.controller = controlnet if given else Controller(controlnet, control_type, effnet=effnet)
         streams = (random.Stream.PRIOR_LATENTS, random.Stream.PRIOR_STEPS)
         self.runner = StageRunner(
             "prior", prior, cascade_prior_model, self.scheduler, self.plan, self.compiler, streams
@@ -149,11 +151,13 @@ class StableCascadePriorPipeline(LoraMixin):
         compiler: CompileCache | None = None,
         controlnet: Any = None,
         control_type: str | None = None,
+        effnet: Any = None,
     ) -> StableCascadePriorPipeline:
         """A `stabilityai/stable-cascade-prior`-style folder; image_encoder/ and feature_extractor/ are optional
         (needed for `images=`). `prefix` names the parts inside a combined folder (`prior_`). `controlnet`: a
-        stage C ControlNet (a converted folder / file path, or `wj.load_component`'s (module, variables)). `variant`
-        ("bf16") reads diffusers' variant weight files."""
+        stage C ControlNet (a converted folder / file path, or `wj.load_component`'s (module, variables)); `effnet`:
+        for a super-resolution ControlNet, Stable Cascade's EfficientNet encoder (path or (module, variables)).
+        `variant` ("bf16") reads diffusers' variant weight files."""
         plan = ShardingPlan(mesh, sharding or "dp")
         default_compilation_cache()  # the per-user persistent cache unless the caller chose (runtime.py)
         parts = load_pipeline_folder(
@@ -178,14 +182,15 @@ class StableCascadePriorPipeline(LoraMixin):
             mesh=mesh,
             sharding=sharding,
             compiler=compiler,
-            controlnet=None if controlnet is None else Controller(controlnet, control_type, dtype),
+            controlnet=None if controlnet is None else Controller(controlnet, control_type, dtype, effnet),
             control_type=control_type,
             **cfg,
         )
 
-    def load_controlnet(self, controlnet: Any, control_type: str | None = None) -> None:
-        """Attach a stage C ControlNet (path or (module, variables)); None detaches it."""
-        self.controller = None if controlnet is None else Controller(controlnet, control_type)
+    def load_controlnet(self, controlnet: Any, control_type: str | None = None, effnet: Any = None) -> None:
+        """Attach a stage C ControlNet (path or (module, variables); an sr one with its `effnet`); None detaches
+        it."""
+        self.controller = None if controlnet is None else Controller(controlnet, control_type, effnet=effnet)
 
     def _control(self, n: int, image: Any, scale: Any, mask: Any) -> tuple | None:
         """The ControlNet's scaled control for n images, or None without a ControlNet / control image."""
@@ -289,18 +294,20 @@ class StableCascadePriorPipeline(LoraMixin):
         control_image: Any = None,
         controlnet_conditioning_scale: float = 1.0,
         mask_image: Any = None,
+        shift: float = 1.0,
     ) -> StableCascadePriorPipelineOutput:
         """Arguments and defaults as diffusers' StableCascadePriorPipeline, with `seed` for generators.
         `images`: one image or a list (each becomes one image token); `latents` [N, h, w, 16] and `step_noise`
         [S, N, h, w, 16] replace what `seed` draws. `output_type` "np" (host arrays) or "jax" (a device array).
         With a ControlNet: `control_image` (one image or one per generated image), `controlnet_conditioning_scale`
-        and, for inpainting, `mask_image` (white / True = generate)."""
+        and, for inpainting, `mask_image` (white / True = generate). `shift`: the original's schedule shift
+        (`samplers.ddpm_wuerstchen.shift_timesteps`; its notebooks sample stage C with 2; 1: diffusers')."""
         args.check_output_type(output_type, ("np", "jax"))
         emb, n, embeds = self._run(
             prompt, images, height, width, num_inference_steps, timesteps, guidance_scale, negative_prompt,
             prompt_embeds, prompt_embeds_pooled, negative_prompt_embeds, negative_prompt_embeds_pooled, image_embeds,
             num_images_per_prompt, seed, latents, step_noise,
-            control=(control_image, controlnet_conditioning_scale, mask_image),
+            control=(control_image, controlnet_conditioning_scale, mask_image), shift=shift,
         )  # fmt: skip
         if output_type == "np":
             emb = self.plan.host(emb)[:n]
@@ -311,7 +318,7 @@ class StableCascadePriorPipeline(LoraMixin):
     def _run(
         self, prompt, images, height, width, num_inference_steps, timesteps, guidance_scale, negative_prompt,
         prompt_embeds, prompt_embeds_pooled, negative_prompt_embeds, negative_prompt_embeds_pooled, image_embeds,
-        num_images_per_prompt, seed, latents, step_noise, control=(None, 1.0, None),
+        num_images_per_prompt, seed, latents, step_noise, control=(None, 1.0, None), shift=1.0,
     ) -> tuple[jax.Array, int, tuple]:  # fmt: skip
         """(stage C latents [padded N, h, w, C] on the device, N, the four text conditionings per image)."""
         if (prompt is None) == (prompt_embeds is None):
@@ -320,7 +327,7 @@ class StableCascadePriorPipeline(LoraMixin):
             raise ValueError("pass at most one of `negative_prompt` and `negative_prompt_embeds`")
         n_per = args.check_int("num_images_per_prompt", num_images_per_prompt)
         w = args.check_guidance("guidance_scale", guidance_scale)
-        ts = args.schedule(self.scheduler, "num_inference_steps", num_inference_steps, timesteps)
+        ts = args.schedule(self.scheduler, "num_inference_steps", num_inference_steps, timesteps, shift=shift)
         h, wd = self.latent_size(height, width)
         embeds = self.encode_prompt(
             prompt, negative_prompt, n_per, w > 1, prompt_embeds, prompt_embeds_pooled, negative_prompt_embeds,

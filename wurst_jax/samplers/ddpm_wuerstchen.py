@@ -6,6 +6,11 @@ Numerically equivalent to diffusers' ``DDPMWuerstchenScheduler``: a cosine alpha
 draws it with ``randn_tensor`` inside ``step``). All math is elementwise with per-batch ``[B]`` scalars broadcast over
 the trailing axes, so samples may be NHWC or NCHW. ``DDPMWuerstchen`` holds the two hyper-parameters and is the
 sampler object (`wurst_jax.samplers.Sampler`): hashable, so it is a static argument under jit.
+
+``shift`` (``timesteps(..., shift=2.0)``, `shift_timesteps`) is the original Stable Cascade's resolution shift of
+its GDF schedule (stage C samples with ``shift=2`` in the original notebooks): logSNR(t) - 2·ln(shift), clamped to
+the unshifted schedule's range, with the model fed GDF's noise condition of that logSNR. It is applied to the
+timesteps themselves, so the step and the compiled loop are unchanged and ``shift=1`` is today's schedule as is.
 """
 
 import dataclasses
@@ -45,14 +50,19 @@ class DDPMWuerstchen:
             raise ValueError(f"scheduler config 's' must be >= 0, got {cfg.s}")
         return cfg
 
-    def timesteps(self, num_inference_steps: int | None = None, timesteps: Any = None, t_start: float = 1.0):
+    def timesteps(
+        self, num_inference_steps: int | None = None, timesteps: Any = None, t_start: float = 1.0, shift: float = 1.0
+    ):
         """The schedule ``[S + 1]`` from ``t_start`` down (``t_start < 1``: image-to-image, from a noised image):
         ``num_inference_steps`` evenly spaced steps from ``t_start`` to 0, or the given descending ``timesteps``
-        from ``t_start`` on (see `truncate`)."""
+        from ``t_start`` on (see `truncate`); then shifted by ``shift`` (`shift_timesteps`; 1: unchanged)."""
+        shift = _check_shift(shift)
         if num_inference_steps is not None and timesteps is None:
             n = len(globals()["timesteps"](num_inference_steps)) - 1  # validates the count
-            return np.linspace(_check_t_start(t_start), 0.0, n + 1).astype(np.float32)
-        return truncate(globals()["timesteps"](num_inference_steps, timesteps), t_start)
+            ts = np.linspace(_check_t_start(t_start), 0.0, n + 1).astype(np.float32)
+        else:
+            ts = truncate(globals()["timesteps"](num_inference_steps, timesteps), t_start)
+        return ts if shift == 1.0 else shift_timesteps(ts, shift, self)
 
     def step(self, model_output, t, t_prev, sample, noise) -> jnp.ndarray:
         return step(model_output, t, t_prev, sample, noise, self)
@@ -112,6 +122,30 @@ def truncate(ts: np.ndarray, t_start: float) -> np.ndarray:
     if rest.size == 0:
         raise ValueError(f"no timestep of the schedule lies below t_start={t_start}")
     return np.concatenate([np.asarray([t_start], np.float32), rest]).astype(np.float32)
+
+
+def _check_shift(shift: Any) -> float:
+    if isinstance(shift, bool) or not isinstance(shift, int | float | np.floating) or not 0 < shift < float("inf"):
+        raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
+    return float(shift)
+
+
+def shift_timesteps(ts: Any, shift: float, config: DDPMWuerstchen) -> np.ndarray:
+    """The original's GDF schedule shift, as timesteps of this sampler: float32 ``[S + 1]`` t' with
+    ``alpha_cumprod(t') = sigmoid(clamp(logSNR(t) - 2·ln(shift)))``, logSNR(t) = logit(alpha_cumprod(t)) clamped to
+    the unshifted range [logit(1e-4), logit(0.9999)] (GDF's ``CosineSchedule`` limits), and t' its cosine
+    inverse (GDF's ``CosineTNoiseCond``): what the original's stage C sees as its noise ratio and steps with.
+    Computed on the host in float64 (the original's is float32: they differ in the last bits)."""
+    if config.scaler != 1:
+        raise ValueError(f"shift needs the sampler's scaler 1 (Stable Cascade's), got {config.scaler}")
+    t = np.asarray(ts, np.float64)
+    s = config.s
+    init = np.cos(s / (1 + s) * np.pi * 0.5) ** 2
+    var = np.clip(np.cos((t + s) / (1 + s) * np.pi * 0.5) ** 2 / init, 1e-4, 0.9999)
+    lo, hi = np.log(1e-4 / (1 - 1e-4)), np.log(0.9999 / (1 - 0.9999))
+    log_snr = np.clip(np.log(var / (1 - var)) - 2 * np.log(shift), lo, hi)
+    var = 1 / (1 + np.exp(-log_snr))
+    return (np.arccos(np.sqrt(var * init)) / (np.pi * 0.5) * (1 + s) - s).astype(np.float32)
 
 
 def _check_t_start(t_start: Any) -> float:

@@ -12,9 +12,10 @@ import numpy as np
 
 class Sampler(Protocol):
     def timesteps(
-        self, num_inference_steps: int | None = None, timesteps: Any = None, t_start: float = 1.0
+        self, num_inference_steps: int | None = None, timesteps: Any = None, t_start: float = 1.0, shift: float = 1.0
     ) -> np.ndarray:
-        """The schedule [S + 1], descending from `t_start` (1: pure noise) to the last value (0)."""
+        """The schedule [S + 1], descending from `t_start` (1: pure noise) to the last value (0); `shift`: the
+        original Stable Cascade's resolution shift of the schedule (1: none)."""
 
     def step(
         self, model_output: jax.Array, t: jax.Array, t_prev: jax.Array, sample: jax.Array, noise: jax.Array

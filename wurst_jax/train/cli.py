@@ -16,6 +16,9 @@ and `data` — a folder of `.npz` shards (format in finetune.py) — plus option
 error. It trains the one stage's component, resumes from `out/ckpt_<stage>`, and leaves `out/` a pipeline folder
 diffusers loads.
 
+`--stage c-controlnet` trains a Stable Cascade stage C ControlNet with stage C frozen: a fine-tune config with a
+"controlnet" object (`wurst_jax/controlnet/train.py`, example `wurst_jax/train/configs/controlnet_canny.json`).
+
 Either config is checked whole (`wurst_jax/train/config.py`: keys, types, ranges) before any model is built or any
 weights are read; a bad one is one error line naming the file and the key.
 """
@@ -39,8 +42,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--stage",
-        choices=("a", "a-decoder", "b", "c"),
-        help="the stage to train (tiny model: needs the earlier ones done; a fine-tune: a, b or c)",
+        choices=("a", "a-decoder", "b", "c", "c-controlnet"),
+        help="the stage to train (tiny model: needs the earlier ones done; a fine-tune: a, b or c; c-controlnet: a "
+        "Stable Cascade stage C ControlNet, config with 'init', 'data' and 'controlnet')",
     )
     p.add_argument(
         "--config",
@@ -82,9 +86,14 @@ def run_train(args: argparse.Namespace) -> int:
         raw = with_lora_flags(raw, args)
         cfg = finetune_config(raw, args.stage, args.config)
         _compilation_cache(args)
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        if cfg.stage == "c-controlnet":
+            from wurst_jax.controlnet.train import train_controlnet
+
+            train_controlnet(cfg)
+            return 0
         from wurst_jax.train.finetune import finetune
 
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
         finetune(cfg)
         return 0
     if args.lora_rank is not None:

@@ -3,10 +3,11 @@
 A config is one JSON object. Run settings (`RunConfig`'s fields) sit at top level and may be overridden per stage
 in a section named after the stage ("a", "b", "c"; the tiny recipe also "a-decoder"). A config with `init` (at top
 level or in a section) fine-tunes a checkpoint (`FinetuneConfig`); without, it trains the tiny model from scratch
-(`TinyRun`: `out`, `size`, `model` plus the run settings). Every key is checked: an unknown one, a value of the
-wrong type or out of range, a section that is not an object, a file that is not JSON — each is one `ValueError`
-naming the file and the key (`run.json: section 'c': key 'lr' must be a number > 0, got 'fast'`), which the CLI
-prints as one line and exits 2 on.
+(`TinyRun`: `out`, `size`, `model` plus the run settings). Stage "c-controlnet" (a Stable Cascade ControlNet) is a
+fine-tune with a "controlnet" object (`controlnet_run`, `ControlNetRun`). Every key is checked: an unknown one, a
+value of the wrong type or out of range, a section that is not an object, a file that is not JSON — each is one
+`ValueError` naming the file and the key (`run.json: section 'c': key 'lr' must be a number > 0, got 'fast'`),
+which the CLI prints as one line and exits 2 on.
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ from pathlib import Path
 from typing import Any
 
 TINY_STAGES = ("a", "a-decoder", "b", "c")
-FINETUNE_STAGES = ("a", "b", "c")
-FINETUNE_KEYS = ("init", "data", "dtype", "save_dtype", "sharding", "scan_blocks", "remat", "lora_rank", "lora_targets")
+FINETUNE_STAGES = ("a", "b", "c", "c-controlnet")
+FINETUNE_KEYS = (
+    "init", "data", "dtype", "save_dtype", "sharding", "scan_blocks", "remat", "lora_rank", "lora_targets",
+    "controlnet",
+)  # fmt: skip
+CONTROL_FILTERS = {"canny": 1, "inpaint": 4, "sr": 16}  # the condition's channels (the ControlNet's c_in)
 BLOCK_OPTIONS = ("scan_blocks", "remat")  # execution options of the prior and the decoder: stages c and b
 DTYPES = ("float32", "bfloat16")
 WEIGHTINGS = ("p2", "v")  # objectives.WEIGHTINGS (not imported: this file needs no jax)
@@ -72,6 +77,24 @@ class FinetuneConfig:
     lora_rank: int | None = None  # stage c: train a LoRA of this rank only (v2: a diffusers/PEFT file; Stable
     # Cascade: the original's lora.safetensors)
     lora_targets: str = "attention"  # "attention" (to_q/to_k/to_v/to_out.0) or "all-linear"
+    controlnet: ControlNetRun | None = None  # stage c-controlnet: what the ControlNet is and sees
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlNetRun:
+    """The "controlnet" object of a `--stage c-controlnet` config (`wurst_jax/controlnet/train.py`)."""
+
+    filter: str  # "canny", "inpaint" or "sr": the condition made from each sample's image
+    model: Any = None  # the ControlNetConfig (default: the released file's preset for the filter)
+    init: str | None = None  # a ControlNet folder to start from (default: a fresh one, zero output projections)
+    effnet: str | None = None  # sr: Stable Cascade's EfficientNet encoder folder
+    offset_noise: float | None = None  # default as the released configs: 0.1 for inpaint and sr, 0 for canny
+    stage_c_dropout: bool = True  # the original keeps the frozen stage C in training mode (dropout active)
+    p_outpaint: float = 0.4  # inpaint: the share of outpainting masks (the original InpaintFilter's)
+
+    def __post_init__(self):
+        if self.offset_noise is None:
+            object.__setattr__(self, "offset_noise", 0.0 if self.filter == "canny" else 0.1)
 
 
 # ---------------------------------------------------------------- value checks: a message, or None when fine
@@ -243,15 +266,18 @@ def finetune_config(raw: dict, stage: str | None, name: str = "config") -> Finet
     """Check a fine-tune config (settings at top level, overridden by the stage's section) and build it."""
     if stage not in FINETUNE_STAGES:
         if stage is None:
-            raise ValueError(f"{name}: a fine-tune (a config with 'init') needs --stage a, b or c")
-        raise ValueError(f"{name}: fine-tuning (a config with 'init') trains stage a, b or c, not {stage!r}")
+            raise ValueError(f"{name}: a fine-tune (a config with 'init') needs --stage a, b, c or c-controlnet")
+        raise ValueError(
+            f"{name}: fine-tuning (a config with 'init') trains stage a, b or c (or a ControlNet: c-controlnet), "
+            f"not {stage!r}"
+        )
     run_keys = set(RUN_CHECKS) - {"data_workers"}  # no rendering: shards are read
     known = run_keys | set(FINETUNE_KEYS)
     unknown = set(raw) - known - {"out", *FINETUNE_STAGES}
     if unknown:
         raise ValueError(f"{name}: unknown keys {sorted(unknown)} for a fine-tune; known: {sorted(known | {'out'})}")
     checks = {**RUN_CHECKS, **FINETUNE_CHECKS}
-    _check_values(name, {k: v for k, v in raw.items() if k not in FINETUNE_STAGES}, checks)
+    _check_values(name, {k: v for k, v in raw.items() if k not in FINETUNE_STAGES and k != "controlnet"}, checks)
     _sections(raw, FINETUNE_STAGES, known, name, checks)
     merged = {**{k: v for k, v in raw.items() if k in known}, **raw.get(stage, {})}
     for key in ("init", "data"):
@@ -260,6 +286,15 @@ def finetune_config(raw: dict, stage: str | None, name: str = "config") -> Finet
     for key in BLOCK_OPTIONS:
         if merged.get(key) and stage == "a":
             raise ValueError(f"{name}: {key!r} is an option of the prior and the decoder (stages c, b), not stage a")
+    if (stage == "c-controlnet") != ("controlnet" in merged):
+        if stage == "c-controlnet":
+            raise ValueError(f"{name}: stage c-controlnet needs a 'controlnet' object (at least its 'filter')")
+        raise ValueError(f"{name}: 'controlnet' configures stage c-controlnet, not stage {stage}")
+    if stage == "c-controlnet":
+        for key in ("lora_rank", "sharding"):
+            if merged.get(key):
+                raise ValueError(f"{name}: stage c-controlnet runs on one device without a LoRA for now; drop {key!r}")
+        merged["controlnet"] = controlnet_run(merged["controlnet"], name)
     if merged.get("lora_rank") and stage != "c":
         raise ValueError(f"{name}: 'lora_rank' trains a LoRA of the prior (stage c), not stage {stage}")
     if merged.get("lora_rank") and merged.get("sharding"):
@@ -270,6 +305,49 @@ def finetune_config(raw: dict, stage: str | None, name: str = "config") -> Finet
         raise ValueError(f"{name}: 'out' ({out}) must be a folder outside 'init' ({merged['init']})")
     extra = {k: merged[k] for k in FINETUNE_KEYS if k in merged and k not in ("init", "data")}
     return FinetuneConfig(stage, merged["init"], merged["data"], out, _run(merged, run_keys), **extra)
+
+
+CONTROLNET_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "filter": one_of(*CONTROL_FILTERS),
+    "init": _string,
+    "effnet": _string,
+    "offset_noise": number(0),
+    "stage_c_dropout": _boolean,
+    "p_outpaint": number(0, 1),
+}
+
+
+def controlnet_run(raw: Any, name: str) -> ControlNetRun:
+    """The "controlnet" object: `filter` (required), `model` (ControlNetConfig fields over the filter's released
+    preset; its `c_in` must be the filter's channels), `init`, `effnet` (sr only, required there), `offset_noise`,
+    `stage_c_dropout`, `p_outpaint` (inpaint only)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{name}: key 'controlnet' must be an object (with 'filter'), got {_short(raw)}")
+    known = {*CONTROLNET_CHECKS, "model"}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"{name}: section 'controlnet': unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    if "filter" not in raw:
+        raise ValueError(f"{name}: section 'controlnet' needs 'filter': one of {sorted(CONTROL_FILTERS)}")
+    _check_values(name, {k: v for k, v in raw.items() if k != "model"}, CONTROLNET_CHECKS, "controlnet")
+    kind = raw["filter"]
+    if (kind == "sr") != ("effnet" in raw):
+        if kind == "sr":
+            raise ValueError(f"{name}: section 'controlnet': filter 'sr' needs 'effnet' (the EfficientNet encoder)")
+        raise ValueError(f"{name}: section 'controlnet': 'effnet' is for filter 'sr', not {kind!r}")
+    if "p_outpaint" in raw and kind != "inpaint":
+        raise ValueError(f"{name}: section 'controlnet': 'p_outpaint' is for filter 'inpaint', not {kind!r}")
+    if "init" in raw and "model" in raw:
+        raise ValueError(f"{name}: section 'controlnet': give 'model' or 'init' (its config.json), not both")
+    from wurst_jax.models.cascade.controlnet import ControlNetConfig  # flax: only for this stage
+
+    preset = {"canny": ControlNetConfig.canny, "inpaint": ControlNetConfig.inpainting, "sr": ControlNetConfig.sr}
+    model = replace_checked(preset[kind](), raw.get("model", {}), name, "controlnet.model")
+    if model.c_in != CONTROL_FILTERS[kind]:
+        raise ValueError(
+            f"{name}: key 'controlnet.model.c_in' must be {CONTROL_FILTERS[kind]} for filter {kind!r}, got {model.c_in}"
+        )
+    return ControlNetRun(**{k: v for k, v in raw.items() if k != "model"}, model=model)
 
 
 # ---------------------------------------------------------------- dataclass overrides ("model" sections)

@@ -58,6 +58,7 @@ PARTS = {  # what each stage loads from `init`
     "c": ("prior", "text_encoder", "tokenizer"),
     "b": ("decoder", "vqgan", "text_encoder", "tokenizer"),
     "a": ("vqgan",),
+    "c-controlnet": ("prior", "text_encoder", "tokenizer"),  # all frozen: the ControlNet trains (controlnet/train.py)
 }
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _RUN_ARTEFACTS = ("ckpt_", "metrics.jsonl", ".")  # never copied from `init` (it may be an earlier run's out/)
@@ -79,7 +80,7 @@ def load_parts(cfg: FinetuneConfig, root: Path, mesh: Any) -> dict[str, Any]:
         if part == "tokenizer":
             out[part] = AutoTokenizer.from_pretrained(str(root / part))
             continue
-        param_dtype = jnp.float32 if part == COMPONENT[cfg.stage] else dtype
+        param_dtype = jnp.float32 if part == COMPONENT.get(cfg.stage) else dtype
         out[part] = load_component(root / part, dtype, param_dtype, mesh=mesh, sharding=cfg.sharding)
     return out
 

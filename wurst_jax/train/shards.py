@@ -29,6 +29,9 @@ def shard_spec(stage: str, configs: dict[str, Any]) -> ShardSpec:
         prior = configs["prior"]  # Würstchen v2's c_in, Stable Cascade's in_channels
         channels = getattr(prior, "c_in", None) or prior.in_channels
         return ShardSpec({"captions": (1, None, "U"), "image_embeddings": (4, channels, "f")})
+    if stage == "c-controlnet":  # stage C's, plus the images the ControlNet's condition is made from
+        arrays = {"captions": (1, None, "U"), "image_embeddings": (4, configs["prior"].in_channels, "f")}
+        return ShardSpec({**arrays, "images": (4, 3, "u1")})
     vq = configs["vqgan"]
     factor = vq.up_down_scale_factor * 2 ** (vq.levels - 1)
     if stage == "a":
