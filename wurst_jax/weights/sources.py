@@ -63,7 +63,7 @@ def _read_config(folder: Path) -> tuple[registry.ComponentSpec, Any]:
 def _json_object(text: str | bytes, name: str) -> dict:
     try:
         raw = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, an integer of 5000 digits
         raise WeightsError(f"{name}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(raw, dict):
         raise WeightsError(f"{name}: expected a JSON object")
