@@ -73,12 +73,13 @@ def limits(cls: type) -> tuple[dict[str, Limit], int | None]:
     return keys, blocks
 
 
-def check_values(cls: type, raw: Mapping[str, Any], name: str) -> None:
-    """Refuse a config.json value beyond its bound (before the config is built); `name` is the file, for messages."""
+def check_values(cls: type, raw: Mapping[str, Any], name: str, prefix: str = "") -> None:
+    """Refuse a config.json value beyond its bound (before the config is built); `name` is the file and `prefix`
+    the keys' section ("model.stage_c."), for messages."""
     keys, _ = limits(cls)
     for key, value in raw.items():
         if key in keys:
-            _check(value, keys[key], key, name)
+            _check(value, keys[key], prefix + key, name)
 
 
 def _check(value: Any, limit: Limit, key: str, name: str) -> None:
