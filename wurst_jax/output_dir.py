@@ -5,7 +5,9 @@ Interruption: `run_writer` installs a SIGINT / SIGTERM handler around the whole 
 before raising KeyboardInterrupt. A KeyboardInterrupt can be swallowed (one raised inside an XLA or GC callback is
 caught there), the record cannot: `staged_folder` checks it before the rename, so an interrupted run never
 replaces DST, and `run_writer` reports it whatever became of the exception. Temporary folders
-(`.DST.partial-PID-*`) left by a killed process are removed by the next run that writes DST.
+(`.DST.partial-PID-*`) left by a killed process are removed by the next run that writes DST. The console entry
+records signals the same way from its first line (`record_signals`), through the seconds of importing jax, until
+the command starts (`release_signals`).
 """
 
 from __future__ import annotations
