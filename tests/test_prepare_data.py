@@ -172,6 +172,7 @@ def test_bad_input_names_the_problem_and_writes_nothing(effnet, tiny_checkpoints
         assert main(args) == 2, name
         err = capsys.readouterr().err
         assert err.startswith("wurst-jax prepare-data: error: ") and message in err, (name, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (name, err)
         assert not out.exists() and not [p for p in tmp_path.iterdir() if ".partial-" in p.name], name
 
     # an existing OUT is kept unless --overwrite

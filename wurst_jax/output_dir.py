@@ -5,7 +5,9 @@ Interruption: `run_writer` installs a SIGINT / SIGTERM handler around the whole 
 before raising KeyboardInterrupt. A KeyboardInterrupt can be swallowed (one raised inside an XLA or GC callback is
 caught there), the record cannot: `staged_folder` checks it before the rename, so an interrupted run never
 replaces DST, and `run_writer` reports it whatever became of the exception. Temporary folders
-(`.DST.partial-PID-*`) left by a killed process are removed by the next run that writes DST.
+(`.DST.partial-PID-*`) left by a killed process are removed by the next run that writes DST. The console entry
+records signals the same way from its first line (`record_signals`), through the seconds of importing jax, until
+the command starts (`release_signals`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 
 def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
@@ -42,6 +45,19 @@ def _on_signal(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
 
+def _quiet_unraisable(hook: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`hook` (a `sys.unraisablehook`) but silent for a recorded signal's KeyboardInterrupt that landed in a GC
+    callback (XLA's): Python would print it as "Exception ignored in …" with a traceback; it is reported once, as
+    the interruption it is."""
+
+    def unraisable(u: Any) -> None:
+        if not (_signals and isinstance(u.exc_value, KeyboardInterrupt)):
+            hook(u)
+
+    unraisable.wrapped = hook
+    return unraisable
+
+
 def _resolve(path: Path) -> Path:
     try:
         return path.resolve()
@@ -49,19 +65,53 @@ def _resolve(path: Path) -> Path:
         raise ValueError(f"{path}: a symlink loop or an unreadable path ({' '.join(str(e).split())})") from None
 
 
+_before: dict[int, Any] = {}  # the handlers `record_signals` replaced
+
+
+def record_signals() -> None:
+    """SIGINT / SIGTERM recorded and raised as KeyboardInterrupt until `release_signals`. The console entry calls it
+    first, before the seconds of importing jax, flax and torch, so a Ctrl-C during the imports is reported like any
+    other (`interrupted()` sees it even if an import turned the KeyboardInterrupt into an ImportError or an XLA GC
+    callback swallowed it)."""
+    if threading.current_thread() is threading.main_thread() and not _before:
+        _before.update({s: signal.signal(s, _on_signal) for s in EXIT_CODES})
+        sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
+
+
+def release_signals() -> None:
+    """Python's own handling back (a second Ctrl-C interrupts again); the commands that write folders install
+    `signals_recorded` around their work. Then a signal recorded meanwhile is raised (`check_interrupted`)."""
+    if _before:
+        for s, handler in _before.items():
+            signal.signal(s, handler)
+        _before.clear()
+        sys.unraisablehook = getattr(sys.unraisablehook, "wrapped", sys.unraisablehook)
+    check_interrupted()
+
+
+def interrupted() -> int | None:
+    """The exit code of the first signal recorded (130 for SIGINT, 143 for SIGTERM), or None when none arrived."""
+    return EXIT_CODES.get(_signals[0], 130) if _signals else None
+
+
 @contextlib.contextmanager
 def signals_recorded() -> Iterator[list[int]]:
-    """SIGINT / SIGTERM recorded (and raised as KeyboardInterrupt) for the duration of the block."""
-    _signals.clear()
+    """SIGINT / SIGTERM recorded (and raised as KeyboardInterrupt) for the duration of the block. A signal recorded
+    before it (by `record_signals`) is kept; the record is cleared on the way out, for the next command in this
+    process."""
     if threading.current_thread() is not threading.main_thread():
         yield _signals
         return
     old = {s: signal.signal(s, _on_signal) for s in EXIT_CODES}
+    hook = sys.unraisablehook
+    sys.unraisablehook = _quiet_unraisable(hook)
     try:
         yield _signals
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+        sys.unraisablehook = hook
+        _signals.clear()
 
 
 def check_interrupted() -> None:

@@ -58,6 +58,8 @@ class ComponentSpec:
     stage_of: Callable[[Shapes], str] | None = None  # which of `stages` a file's tensors are (None: any of them)
     infer_config: Callable[[Shapes], Any] | None = None  # a single file's config from its tensors (None: default)
     renames: tuple[tuple[str, str], ...] = ()  # (regex, replacement): this kind's original tensor names → diffusers'
+    released: tuple[str, ...] = ()  # config presets of the released models: they bound config.json (models/bounds.py)
+    blocks: Callable[[Any], int] | None = None  # how many blocks a config builds and runs, bounded the same way
 
     @property
     def weights_stem(self) -> str:
@@ -185,6 +187,21 @@ def _cascade_config(shapes: Shapes) -> cascade.StableCascadeUNetConfig:
     )
 
 
+def _cascade_blocks(c: cascade.StableCascadeUNetConfig) -> int:
+    """Blocks run per call: each level's block types × its layers × its repeats, down and up."""
+    per_level = zip(
+        c.block_types_per_layer,
+        c.down_num_layers_per_block,
+        c.up_num_layers_per_block,
+        c.down_blocks_repeat_mappers,
+        c.up_blocks_repeat_mappers,
+        strict=True,
+    )
+    return sum(
+        len(types) * (down * down_repeat + up * up_repeat) for types, down, up, down_repeat, up_repeat in per_level
+    )
+
+
 def _heads(*counts: Any) -> tuple[int, ...]:
     flat = [c for x in counts for c in (x if isinstance(x, tuple) else (x,))]
     return tuple(c for c in flat if c and c > 0)
@@ -201,6 +218,8 @@ register(
         heads=lambda c: _heads(c.nhead),
         markers=(r"^cond_mapper\.",),
         stages=("prior",),
+        released=("v2",),
+        blocks=lambda c: c.depth,
     )
 )
 register(
@@ -219,6 +238,8 @@ register(
         heads=lambda c: _heads(c.nhead),
         markers=(r"^(effnet_mappers|clip_mapper)\.",),
         stages=("decoder",),
+        released=("v2",),
+        blocks=lambda c: 2 * sum(n * len(t) for n, t in zip(c.blocks, c.level_config, strict=False)),
     )
 )
 register(
@@ -231,6 +252,8 @@ register(
         folder="vqgan",
         markers=(r"^vquantizer\.",),
         stages=("vqgan", "stage_a"),  # Würstchen v2's and Stable Cascade's stage A: one architecture
+        released=("v2",),
+        blocks=lambda c: c.bottleneck_blocks + 2 * c.levels,
     )
 )
 register(
@@ -247,6 +270,8 @@ register(
         root="text_model.",
         heads=lambda c: _heads(c.num_attention_heads),
         markers=(r"(^|\.)token_embedding\.",),
+        released=("vit_bigg", "vit_h"),
+        blocks=lambda c: c.num_hidden_layers,
     )
 )
 register(
@@ -262,6 +287,8 @@ register(
         ignore=(r"position_ids$",),
         heads=lambda c: _heads(c.num_attention_heads),
         markers=(r"(^|\.)token_embedding\.", r"^text_projection\."),  # all of text_encoder's, and more
+        released=("vit_bigg", "vit_h"),
+        blocks=lambda c: c.num_hidden_layers,
     )
 )
 register(
@@ -275,6 +302,7 @@ register(
         markers=(r"^backbone\.\d+\.",),
         stages=("effnet", "effnet_encoder"),  # v2's semantic encoder; SC's effnet_encoder.safetensors
         infer_config=_effnet_config,
+        released=("v2",),  # its block tables are fixed by name (`effnet`): only its widths are bounded
     )
 )
 register(
@@ -290,6 +318,8 @@ register(
         ignore=(r"position_ids$",),
         heads=lambda c: _heads(c.num_attention_heads),
         markers=(r"(^|\.)patch_embedding\.",),
+        released=("vit_l14",),
+        blocks=lambda c: c.num_hidden_layers,
     )
 )
 register(
@@ -308,6 +338,8 @@ register(
         stage_of=_cascade_stage,
         infer_config=_cascade_config,
         renames=((r"^clip_mapper\.", "clip_txt_pooled_mapper."),),  # the original StageB's name
+        released=("stage_c", "stage_c_lite", "stage_b", "stage_b_lite"),
+        blocks=_cascade_blocks,
     )
 )
 register(
@@ -321,5 +353,7 @@ register(
         markers=(r"^backbone\.\d+\.", r"^projections\.\d+\.\d+\.weight$"),  # effnet's marker and more
         stages=("controlnet",),
         infer_config=controlnet.infer_config,
+        released=("canny", "inpainting", "sr", "identity"),
+        blocks=lambda c: c.large_blocks + len(c.proj_blocks),
     )
 )

@@ -408,7 +408,12 @@ def replace_checked(default: Any, values: Any, name: str, key: str) -> Any:
         annotation = fields[k].type if isinstance(fields[k].type, str) else getattr(fields[k].type, "__name__", "")
         if _fits(v, annotation) is False:
             raise ValueError(f"{name}: key '{key}.{k}' must be {_describe(annotation)}, got {_short(v)}")
+    from wurst_jax.models import bounds  # here: this module stays importable without jax
+
+    bounds.check_values(type(default), values, name, f"{key}.")  # `depth` 10**6 would build for hours
     try:
-        return dataclasses.replace(default, **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        config = dataclasses.replace(default, **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     except (TypeError, ValueError) as e:  # the dataclass's own checks (__post_init__)
         raise ValueError(f"{name}: config section {key!r}: {e}") from None
+    bounds.check_blocks(config, f"{name}: config section {key!r}")
+    return config

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import datetime
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from wurst_jax.images import load_image
 from wurst_jax.models import EfficientNetEncoder
 from wurst_jax.models.effnet import DOWNSCALE, encode
-from wurst_jax.output_dir import check_destination, run_writer, staged_folder
+from wurst_jax.output_dir import check_destination, check_interrupted, run_writer, staged_folder
 from wurst_jax.sharding import DATA, make_mesh
 from wurst_jax.weights import WeightsError, load_component, read_config
 
@@ -161,8 +162,9 @@ def prepare_data(
     say = (lambda m: print(f"prepare-data: {m}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
     t0, shards, grid = time.perf_counter(), [], None
     workers = min(8, os.cpu_count() or 1)  # image decoding and resizing release the GIL
-    with staged_folder(out, overwrite) as tmp, concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    with staged_folder(out, overwrite) as tmp, _image_pool(workers) as pool:
         for start in range(0, len(samples), shard_size):
+            check_interrupted()  # a safe point: a Ctrl-C whose KeyboardInterrupt a callback swallowed stops here
             part = samples[start : start + shard_size]
             crops = np.stack(list(pool.map(lambda s: load_image(s[0], resolution), part)))
             embeddings = _encode_batches(encode, crops, batch_size)
@@ -189,6 +191,20 @@ def prepare_data(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     say(f"wrote {out}: {len(samples)} samples in {len(shards)} shards, embeddings {grid[0]}×{grid[1]}")
     return out
+
+
+@contextlib.contextmanager
+def _image_pool(workers: int) -> Iterator[concurrent.futures.ThreadPoolExecutor]:
+    """Threads that decode images; on an error or Ctrl-C the queued images are dropped and the running ones
+    awaited, so no worker still decodes into freed memory when the process ends (and Ctrl-C does not wait for the
+    rest of the shard)."""
+    pool = concurrent.futures.ThreadPoolExecutor(workers)
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def _encode_batches(encode: Callable, crops: np.ndarray, batch_size: int) -> np.ndarray:

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from wurst_jax.models import registry
+from wurst_jax.models import bounds, registry
 from wurst_jax.weights.errors import WeightsError
 from wurst_jax.weights.mapping import TensorRef, unwrapped
 from wurst_jax.weights.safetensors_io import SafetensorsFile, iter_tensors, weight_files
@@ -63,7 +63,7 @@ def _read_config(folder: Path) -> tuple[registry.ComponentSpec, Any]:
 def _json_object(text: str | bytes, name: str) -> dict:
     try:
         raw = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, an integer of 5000 digits
         raise WeightsError(f"{name}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(raw, dict):
         raise WeightsError(f"{name}: expected a JSON object")
@@ -71,16 +71,26 @@ def _json_object(text: str | bytes, name: str) -> dict:
 
 
 def config_from_dict(cls: type, raw: Mapping[str, Any], name: str) -> Any:
-    """Build a config dataclass from a config.json dict, keeping the keys the dataclass knows."""
+    """Build a config dataclass from a config.json dict, keeping the keys the dataclass knows; values beyond the
+    sanity bounds of `models/bounds.py` are refused first."""
+    try:
+        bounds.check_values(cls, raw, name)
+    except ValueError as e:
+        raise WeightsError(str(e)) from None
     kwargs = {}
     for field in dataclasses.fields(cls):
         if field.name in raw:
             value = raw[field.name]
             kwargs[field.name] = tuple(value) if isinstance(value, list) else value
     try:
-        return cls(**kwargs)
+        config = cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise WeightsError(f"{name}: invalid {cls.__name__}: {e}") from None
+    try:
+        bounds.check_blocks(config, name)
+    except ValueError as e:
+        raise WeightsError(str(e)) from None
+    return config
 
 
 def open_folder(folder: str | Path, variant: str | None = None) -> Source:
