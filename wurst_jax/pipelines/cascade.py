@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from wurst_jax.pipelines import args, random
+from wurst_jax.pipelines import args, image_to_image, random
 from wurst_jax.pipelines.cascade_prior import StableCascadePriorPipeline, pooled_array
 from wurst_jax.pipelines.components import Component, load_pipeline_folder
 from wurst_jax.pipelines.outputs import ImagePipelineOutput, to_pil
@@ -227,6 +227,10 @@ class StableCascadeCombinedPipeline:
         """Attach a stage C ControlNet to the prior (path or (module, variables)); None detaches it."""
         self.prior_pipe.load_controlnet(controlnet, control_type)
 
+    def load_effnet(self, path: Any, dtype: Any = jnp.float32) -> None:
+        """The EfficientNet encoder for image-to-image (`init_image=`, `strength=`): see the prior pipeline's."""
+        self.prior_pipe.load_effnet(path, dtype)
+
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -255,6 +259,8 @@ class StableCascadeCombinedPipeline:
         control_image: Any = None,
         controlnet_conditioning_scale: float = 1.0,
         mask_image: Any = None,
+        init_image: Any = None,
+        strength: float = 1.0,
     ) -> ImagePipelineOutput:
         """Arguments and defaults as diffusers' StableCascadeCombinedPipeline (512², 60 prior and 12 decoder
         steps), with `seed` for generators and honoured `prior_timesteps` / `decoder_timesteps`.
@@ -264,6 +270,7 @@ class StableCascadeCombinedPipeline:
         fails there). `latents` [N, h, w, 16], `decoder_latents` [N, H, W, 4] and the `*_step_noise` arrays
         [S, N, ...] replace what `seed` would draw (for exact replays). `control_image`,
         `controlnet_conditioning_scale`, `mask_image`: the prior's ControlNet inputs (see the prior pipeline).
+        `init_image`, `strength`: the prior's image-to-image (`load_effnet` first; see the prior pipeline).
         """
         n_per = args.check_int("num_images_per_prompt", num_images_per_prompt)
         if prompt is not None:
@@ -273,7 +280,10 @@ class StableCascadeCombinedPipeline:
         else:
             raise ValueError("pass exactly one of `prompt` and `prompt_embeds`")
         self.decoder_pipe.latent_size(*self.prior_pipe.latent_size(height, width))  # fail before any work
-        random.image_keys(seed, b * n_per)  # validate the seed before any work
+        n = b * n_per
+        if init_image is not None and image_to_image.check_strength(strength, init_image, "init_image") < 1.0:
+            n = image_to_image.paired(n, n_per, image_to_image.count(init_image))  # one prompt over k images
+        random.image_keys(seed, n)  # validate the seed before any work
         args.check_output_type(output_type, ("pil", "np", "latent"))
         w_dec = args.check_guidance("decoder_guidance_scale", decoder_guidance_scale)
         seed = seed if seed is not None else random.fresh_seed()
@@ -281,7 +291,7 @@ class StableCascadeCombinedPipeline:
             prompt, images, height, width, prior_num_inference_steps, prior_timesteps, prior_guidance_scale,
             negative_prompt, prompt_embeds, prompt_embeds_pooled, negative_prompt_embeds,
             negative_prompt_embeds_pooled, image_embeds, n_per, seed, latents, prior_step_noise,
-            control=(control_image, controlnet_conditioning_scale, mask_image),
+            control=(control_image, controlnet_conditioning_scale, mask_image), init=(init_image, strength),
         )  # fmt: skip
 
         def negatives() -> np.ndarray:  # the prior ran without guidance: encode them as it would have
