@@ -143,34 +143,35 @@ def _png(path, size=(96, 80), seed=0):
     return str(path)
 
 
-def test_cli_init_image_v2_and_cascade(tiny_checkpoints, sc_folders, effnet, tmp_path):
-    start = _png(tmp_path / "start.png")
-    common = ["--prior-steps", "4", "--steps", "2", "--dtype", "float32", "--seed", "3", "--no-cache"]
-    common += ["--init-image", start, "--strength", "0.5", "--effnet", str(effnet[3])]
+def test_cli_v2_init_image_and_variation(tiny_checkpoints, effnet, tmp_path):
+    """Both v2 runs share one compilation cache: the variation's encoder, decoder and VQGAN programs are the
+    image-to-image run's (same sizes, steps, seed), so the second run mostly loads."""
     dec, prior = tiny_checkpoints[:2]
-    res = run_cli("generate", "a cat", "--model", str(dec), "--prior", str(prior), "--height", "128", "--width",
-                  "128", *common, "--out", str(tmp_path / "v2.png"))  # fmt: skip
+    common = ["a cat", "--model", str(dec), "--prior", str(prior), "--height", "128", "--width", "128", "--steps", "2"]
+    common += ["--dtype", "float32", "--seed", "3", "--cache-dir", str(tmp_path / "cache"), "--effnet", str(effnet[3])]
+    start = _png(tmp_path / "start.png")
+    res = run_cli("generate", *common, "--prior-steps", "4", "--init-image", start, "--strength", "0.5", "--out",
+                  str(tmp_path / "i2i.png"))  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert "effnet: compiled" in res.stderr and "(2 steps × 1 images + CFG, latent 3×3)" in res.stderr
-    dec, prior = sc_folders
-    res = run_cli("generate", "a cat", "--model", str(dec), "--prior", str(prior), "--height", str(H), "--width",
-                  str(W), *common, "--out", str(tmp_path / "sc.png"))  # fmt: skip
+    res = run_cli("generate", *common, "--image", start, "--out", str(tmp_path / "var.png"))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [str(tmp_path / "var.png")]
+    assert "effnet: compiled" in res.stderr and "prior" not in res.stderr  # the decoder only
+    for name in ("i2i.png", "var.png"):
+        with Image.open(tmp_path / name) as img:
+            assert img.size == (128, 128)
+
+
+def test_cli_cascade_init_image(sc_folders, effnet, tmp_path):
+    res = run_cli("generate", "a cat", "--model", str(sc_folders[0]), "--prior", str(sc_folders[1]), "--height",
+                  str(H), "--width", str(W), "--prior-steps", "4", "--steps", "2", "--dtype", "float32", "--no-cache",
+                  "--init-image", _png(tmp_path / "start.png"), "--strength", "0.5", "--effnet", str(effnet[3]),
+                  "--out", str(tmp_path / "sc.png"))  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert "effnet: compiled" in res.stderr and "(2 steps × 1 images + CFG, latent 3×6)" in res.stderr
     with Image.open(tmp_path / "sc.png") as img:
         assert img.size == (W, H)
-
-
-def test_cli_v2_variation(tiny_checkpoints, effnet, tmp_path):
-    dec, prior = tiny_checkpoints[:2]
-    res = run_cli("generate", "a cat", "--model", str(dec), "--prior", str(prior), "--height", "128", "--width",
-                  "128", "--steps", "2", "--dtype", "float32", "--no-cache", "--image", _png(tmp_path / "in.png"),
-                  "--effnet", str(effnet[3]), "--num-images", "2", "--out", str(tmp_path / "var.png"))  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == [str(tmp_path / "var_0.png"), str(tmp_path / "var_1.png")]
-    assert "effnet: compiled" in res.stderr and "prior" not in res.stderr  # the decoder only
-    with Image.open(tmp_path / "var_0.png") as img:
-        assert img.size == (128, 128)
 
 
 def test_cli_bad_image_inputs(tiny_checkpoints, sc_folders, effnet, tmp_path, capsys):
