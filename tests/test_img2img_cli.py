@@ -121,6 +121,21 @@ def test_batches_of_prompts_and_images(sc_prior, images):
         sc_prior.effnet = effnet
 
 
+def test_effnet_from_the_original_file(tmp_path):
+    """`load_effnet` / `--effnet` read Stable Cascade's `effnet_encoder.safetensors` itself (EfficientNetV2-S, the
+    config read off its tensors); loading only, nothing compiles."""
+    from safetensors.torch import save_file
+
+    ref = torch_effnet(wj.EfficientNetConfig(mapper_affine=False), seed=1)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, tmp_path / "effnet_encoder.safetensors")
+    eff = image_to_image.load_effnet(str(tmp_path / "effnet_encoder.safetensors"), jnp.float32)
+    assert eff.module.config == wj.EfficientNetConfig(mapper_affine=False)
+    kernel = np.asarray(eff.variables["params"]["mapper_0"]["kernel"])[0, 0]  # [1280, 16] of the 1×1 conv
+    np.testing.assert_array_equal(kernel, ref.mapper[0].weight.detach()[:, :, 0, 0].T.numpy())
+    var = np.asarray(eff.variables["batch_stats"]["mapper_1"]["var"])
+    np.testing.assert_array_equal(var, ref.mapper[1].running_var.numpy())
+
+
 def test_v2_variation_from_an_image(tiny_checkpoints, effnet, images):
     pipe = wj.WuerstchenDecoderPipeline.from_pretrained(tiny_checkpoints[0], progress=False)
     pipe.load_effnet((effnet[1], effnet[2]))
