@@ -136,18 +136,27 @@ def test_effnet_from_the_original_file(tmp_path):
     np.testing.assert_array_equal(var, ref.mapper[1].running_var.numpy())
 
 
-def test_v2_variation_from_an_image(tiny_checkpoints, effnet, images):
+def test_v2_variation_from_an_image(tiny_checkpoints, effnet, images, monkeypatch):
+    """`image=` on the v2 decoder pipeline decodes `embed_images(image)` exactly as `image_embeddings=` would (the
+    decoder itself runs end to end in the command-line test below; here its loop is replaced, nothing compiles but
+    the encoder)."""
     pipe = wj.WuerstchenDecoderPipeline.from_pretrained(tiny_checkpoints[0], progress=False)
     pipe.load_effnet((effnet[1], effnet[2]))
+    seen = []
+    monkeypatch.setattr(pipe, "_decode", lambda emb, b, *rest: seen.append((np.asarray(emb), b, rest)))
     image = images[0][:, :128]  # 128²: a 3×3 grid (10.67 · 4 pixels per cell), seen at 96² by the encoder
-    opts = dict(prompt="a cat", num_inference_steps=2, seed=1, output_type="latent")  # pixels: the CLI test
-    out = pipe(image=image, **opts).images
+    opts = dict(prompt="a cat", num_inference_steps=2, seed=1, output_type="latent")
+    pipe(image=image, **opts)
     emb = pipe.embed_images(image)
-    assert emb.shape == (1, 3, 3, 16) and out.shape == (1, 32, 32, 4)  # decoder latents of a 128² image
-    np.testing.assert_array_equal(out, pipe(emb, **opts).images)
+    pipe(emb, **opts)
+    assert emb.shape == (1, 3, 3, 16) and seen[0][1] == seen[1][1] == 1 and seen[0][2] == seen[1][2]
+    np.testing.assert_array_equal(seen[0][0], seen[1][0])
+    np.testing.assert_array_equal(emb, image_to_image.encode_images(pipe, image, (3, 3), 16))
     assert pipe.embed_images(image, height=128, width=256).shape == (1, 3, 6, 16)  # another output size
     with pytest.raises(ValueError, match="exactly one of"):
         pipe(emb, image=image)
+    with pytest.raises(ValueError, match="must be a positive multiple"):
+        pipe.embed_images(image, height=64)  # a 2-cell grid: a decoder latent stage B cannot halve
 
 
 # ---------------------------------------------------------------------------------------------- the command line
