@@ -3,11 +3,14 @@ EfficientNet latents [B, h, w, 16] (the space Würstchen v2's decoder is conditi
 the space Stable Cascade's stage C samples in) → noised to t = `strength` → the prior's remaining steps; or, for
 v2 image variation, straight to the decoder (no prior).
 
-The schedule follows the original Stable Cascade recipe (Stability-AI/StableCascade, the image-to-image example of
-`inference/text_to_image.ipynb` and `gradio_app/app.py`: `t_start = noise_level`, `timesteps = int(steps ·
-noise_level)`, `x_init = gdf.diffuse(effnet_latents, t)`): with `num_inference_steps` n, `int(n · strength)` steps
-evenly from t = strength to 0; with explicit `timesteps`, the ones below `strength` (after t_start itself).
-`strength` 1 ignores the image (exactly text-to-image); `strength` → 0 returns the encoder's embeddings.
+The schedule follows the original Stable Cascade recipe (Stability-AI/StableCascade's image-to-image example,
+`inference/text_to_image.ipynb`, read here through a script exported from it: `noise_level = 0.8`,
+`x_init = gdf.diffuse(encode_latents(batch), t=noise_level)`, `t_start = noise_level`, `timesteps = int(20 ·
+noise_level)`): with `num_inference_steps` n, `int(n · strength)` steps evenly from t = strength to 0; with explicit
+`timesteps`, the ones below `strength` (after t_start itself). The original samples with its GDF `shift=2`
+schedule; ours is the pipelines' DDPM-Würstchen sampler. `strength` 1 ignores the image (exactly text-to-image);
+`strength` → 0 returns the encoder's embeddings (below t ≈ 2.5e-3 the sampler's alpha_cumprod is clamped to
+0.9999, as diffusers': the result is then sqrt(0.9999) · embedding + 0.01 · the seed's noise).
 
 The image is prepared as the original's `encode_latents` sees it (`train/train_c.py`: ImageNet `Normalize` on
 `resize_image`'s output, a bilinear antialiased resize of the [0, 1] image): here resized to 32× the prior's grid
