@@ -75,8 +75,9 @@ class WuerstchenPriorPipeline(LoraMixin):
         self.effnet: Component | None = None  # the EfficientNet encoder, for image-to-image (`load_effnet`)
 
     def load_effnet(self, path: Any, dtype: Any = jnp.float32) -> None:
-        """The semantic encoder image-to-image encodes with: a folder `load_component` reads (e.g. converted from
-        `model_v2_stage_b.pt` with `wurst-jax convert ... --stage effnet`), or (module, variables)."""
+        """The semantic encoder image-to-image encodes with: `model_v2_stage_b.pt` itself (its `effnet_state_dict`),
+        a folder `load_component` reads (e.g. converted from it with `wurst-jax convert ... --stage effnet`), or
+        (module, variables)."""
         self.effnet = image_to_image.load_effnet(path, dtype)
 
     def _lora_components(self) -> dict:
