@@ -18,6 +18,7 @@ from test_cli import run_cli
 import wurst_jax as wj
 from wurst_jax.cli import main
 from wurst_jax.pipelines import image_to_image, random
+from wurst_jax.pipelines.outputs import ImagePipelineOutput
 
 H, W = 128, 256  # Stable Cascade: stage C grid 3×6, the image seen at 96×192 by the encoder
 
@@ -187,15 +188,40 @@ def test_cli_v2_init_image_and_variation(tiny_checkpoints, effnet, tmp_path):
             assert img.size == (128, 128)
 
 
-def test_cli_cascade_init_image(sc_folders, effnet, tmp_path):
-    res = run_cli("generate", "a cat", "--model", str(sc_folders[0]), "--prior", str(sc_folders[1]), "--height",
-                  str(H), "--width", str(W), "--prior-steps", "4", "--steps", "2", "--dtype", "float32", "--no-cache",
-                  "--init-image", _png(tmp_path / "start.png"), "--strength", "0.5", "--effnet", str(effnet[3]),
-                  "--out", str(tmp_path / "sc.png"))  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    assert "effnet: compiled" in res.stderr and "(2 steps × 1 images + CFG, latent 3×6)" in res.stderr
-    with Image.open(tmp_path / "sc.png") as img:
-        assert img.size == (W, H)
+def test_cli_cascade_init_image(sc_folders, sc_prior, images, effnet, tmp_path, capsys, monkeypatch):
+    """`generate --init-image` on a Stable Cascade model, in this process: the real prior (this module's) with the
+    decoder pipeline's stages B and A replaced by a recorder (image-to-image does not change them;
+    tests/test_cascade_cli.py runs them). Two images: the loop compiled for `run`'s pairs. The prior's output
+    equals the Python call's."""
+    decoder = wj.StableCascadeDecoderPipeline.from_pretrained(sc_folders[0], progress=False)
+    seen = []
+
+    def decode(emb, n, *rest):
+        seen.append(np.asarray(emb)[:n])
+        return ImagePipelineOutput([Image.new("RGB", (W, H))] * n)
+
+    monkeypatch.setattr(decoder, "_decode", decode)
+    built = []
+
+    def from_pretrained(cls, decoder=None, prior=None, **kw):
+        built.append((decoder, prior, kw["dtype"]))
+        return cls(sc_prior, decoder_pipe)
+
+    decoder_pipe = decoder
+    monkeypatch.setattr(wj.StableCascadeCombinedPipeline, "from_pretrained", classmethod(from_pretrained))
+    start = tmp_path / "start.png"
+    Image.fromarray((images[0] * 255).astype(np.uint8)).save(start)
+    argv = ["generate", PROMPTS[0], "--model", str(sc_folders[0]), "--prior", str(sc_folders[1]), "--height", str(H),
+            "--width", str(W), "--prior-steps", "8", "--steps", "2", "--dtype", "float32", "--seed", "3",
+            "--no-cache", "--quiet", "--num-images", "2", "--init-image", str(start), "--strength", "0.5",
+            "--effnet", str(effnet[3]), "--out", str(tmp_path / "sc.png")]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    assert built == [(str(sc_folders[0]), str(sc_folders[1]), jnp.float32)] and len(seen) == 1
+    with Image.open(start) as im:
+        want = run(sc_prior, PROMPTS[0], init_image=im, strength=0.5, num_inference_steps=8, seed=3,
+                   num_images_per_prompt=2)  # fmt: skip
+    np.testing.assert_array_equal(seen[0], want)
+    assert (tmp_path / "sc_0.png").is_file() and (tmp_path / "sc_1.png").is_file()
 
 
 def test_cli_bad_image_inputs(tiny_checkpoints, sc_folders, effnet, tmp_path, capsys):
