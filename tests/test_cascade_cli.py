@@ -39,7 +39,7 @@ def test_generate_bad_input(folders, tmp_path):
     res = run_cli("generate", "x", *common, "--image", str(tmp_path / "missing.png"), "--out", str(tmp_path / "a.png"))
     assert res.returncode == 2 and "--image" in res.stderr and "Traceback" not in res.stderr
     res = run_cli("generate", "x", "--image", str(tmp_path / "missing.png"), "--out", str(tmp_path / "a.png"))
-    assert res.returncode == 2 and "Stable Cascade" in res.stderr  # the default model is v2
+    assert res.returncode == 2 and "--image needs --effnet" in res.stderr  # v2 variation needs the EfficientNet
     res = run_cli("generate", "x", *common, "--height", "64", "--width", "64", "--out", str(tmp_path / "a.png"))
     assert (
         res.returncode == 2

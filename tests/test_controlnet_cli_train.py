@@ -101,7 +101,7 @@ def test_sr_condition_is_nearest_half_effnet_nearest_double_and_drives_the_prior
     [
         (["--control", "sr", "--controlnet", "{cn}", "--control-image", "{img}"], "--control sr needs --effnet"),
         (["--control", "sr", "--controlnet", "{cn}", "--control-image", "{img}", "--effnet", "nowhere"], "nowhere"),
-        (["--effnet", "{eff}"], "--effnet needs --control"),
+        (["--effnet", "{eff}"], "--effnet is used only with"),
         (
             [
                 "--control",

@@ -27,9 +27,6 @@ def add_control_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask", metavar="FILE", help="inpaint mask image: white = generate, black = keep")
     p.add_argument("--control-scale", type=float, default=None, help="controlnet_conditioning_scale (default 1.0)")
     p.add_argument(
-        "--effnet", metavar="PATH", help="--control sr: Stable Cascade's EfficientNet encoder (a converted folder)"
-    )
-    p.add_argument(
         "--shift",
         type=float,
         default=None,
@@ -47,7 +44,7 @@ def control_options(args: argparse.Namespace, cascade: bool) -> tuple[dict, dict
             raise ValueError(f"--shift must be a finite number > 0, got {args.shift}")
         shift = {"prior_shift": args.shift}
     flags = {"--controlnet": args.controlnet, "--control-image": args.control_image, "--mask": args.mask}
-    flags.update({"--effnet": args.effnet, "--control-scale": args.control_scale})
+    flags["--control-scale"] = args.control_scale  # --effnet is shared with image-to-image: validate.py checks it
     given = [f for f, v in flags.items() if v is not None]
     if args.control is None:
         if given:
@@ -57,10 +54,6 @@ def control_options(args: argparse.Namespace, cascade: bool) -> tuple[dict, dict
         raise ValueError("--control needs a Stable Cascade --model (model_index.json StableCascade*)")
     if args.control == "sr" and args.effnet is None:
         raise ValueError("--control sr needs --effnet PATH (Stable Cascade's EfficientNet encoder, converted)")
-    if args.control != "sr" and args.effnet is not None:
-        raise ValueError(f"--effnet is for --control sr, not --control {args.control}")
-    if args.effnet is not None and not Path(args.effnet).is_dir():
-        raise ValueError(f"--effnet {args.effnet}: no such folder (convert effnet_encoder.safetensors first)")
     if args.prompts or args.out_dir:
         raise ValueError("--control runs with one PROMPT, not batch generation (--prompts)")
     if args.controlnet is None or args.control_image is None:
@@ -79,7 +72,7 @@ def control_options(args: argparse.Namespace, cascade: bool) -> tuple[dict, dict
     if args.mask is not None:
         call["mask_image"] = _image(args.mask, "--mask").convert("L")
     load = {"controlnet": args.controlnet, "control_type": args.control}
-    return {**load, "effnet": args.effnet} if args.effnet is not None else load, call
+    return {**load, "effnet": args.effnet} if args.control == "sr" else load, call
 
 
 def _image(path: str, flag: str):

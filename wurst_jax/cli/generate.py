@@ -1,8 +1,9 @@
-"""`wurst-jax generate`: text-to-image (and Stable Cascade image variation) PNGs.
+"""`wurst-jax generate`: text-to-image, image-to-image (--init-image) and image variation (--image) PNGs.
 
 The generation comes from the --model folder's model_index.json: `StableCascade*` pipelines run Stable Cascade
 (Würstchen v3), anything else Würstchen v2. Defaults: v2 prior 29 DEFAULT_STAGE_C_TIMESTEPS, guidance 4, decoder
 12 steps; Stable Cascade prior 20 steps, guidance 4, decoder 10 steps; decoder guidance 0 (off) for both.
+Image-to-image and v2 variation encode the image with the EfficientNet encoder given by --effnet.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 from pathlib import Path
 
 from wurst_jax.cli.control import add_control_arguments, control_options
-from wurst_jax.cli.validate import check_generate, tiny_warnings
+from wurst_jax.cli.validate import DEFAULT_STRENGTH, check_generate, check_image_inputs, tiny_warnings
 from wurst_jax.dtypes import DTYPES
 from wurst_jax.pipelines.runtime import use_compilation_cache
 from wurst_jax.samplers import DEFAULT_STAGE_C_TIMESTEPS
@@ -38,8 +39,28 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
         "--image",
         action="append",
         metavar="FILE",
-        help="Stable Cascade image variation: condition on this image (repeatable: one image token each; the "
-        "prior folder needs image_encoder/)",
+        help="image variation. Stable Cascade: condition the prior on this image (repeatable: one image token each; "
+        "the prior folder needs image_encoder/). Würstchen v2: decode this image's EfficientNet latents (no prior "
+        "runs; once; needs --effnet)",
+    )
+    p.add_argument(
+        "--init-image",
+        metavar="FILE",
+        help="image-to-image: start the prior from this image's EfficientNet latents noised to --strength (needs "
+        "--effnet; both generations)",
+    )
+    p.add_argument(
+        "--strength",
+        type=float,
+        help=f"with --init-image: how far to noise it, in (0, 1]; int(prior steps · strength) steps run; 1 ignores "
+        f"the image (default {DEFAULT_STRENGTH}, the original Stable Cascade example's)",
+    )
+    p.add_argument(
+        "--effnet",
+        metavar="PATH",
+        help="the EfficientNet encoder for --init-image, v2 --image and --control sr: a folder (converted with "
+        "`wurst-jax convert ... --stage effnet`) or the original file (Stable Cascade's effnet_encoder.safetensors, "
+        "v2's model_v2_stage_b.pt)",
     )
     p.add_argument(
         "--variant", help="read the folders' diffusers variant weight files, e.g. bf16 (diffusion_pytorch_model.bf16…)"
@@ -121,15 +142,15 @@ def is_stable_cascade(model: Path) -> bool:
 
 def generate(args: argparse.Namespace) -> int:
     cascade = args.model is not None and is_stable_cascade(Path(args.model))
-    if args.image and not cascade:
-        raise ValueError("--image (image variation) needs a Stable Cascade --model (model_index.json StableCascade*)")
     control_load, control_call = control_options(args, cascade)  # checked before anything is loaded
     if args.prompts or args.out_dir:  # many prompts from a file, either generation: wurst_jax/serving/batch.py
-        if args.image:
-            raise ValueError("--image (image variation) runs with one PROMPT, not batch generation (--prompts)")
+        used = [f for f, v in (("--image", args.image), ("--init-image", args.init_image)) if v]
+        used += [f for f, v in (("--strength", args.strength), ("--effnet", args.effnet)) if v is not None]
+        if used:
+            raise ValueError(f"batch generation (--prompts) is text-to-image only; drop {' '.join(used)}")
         return run_batch(args)
     plan = check_generate(args)  # every flag, before any weights load or anything compiles
-    images_in = [_open_image(f) for f in args.image or ()]
+    images_in, init_image, strength = check_image_inputs(args, cascade)  # the files read now: bad ones fail here
 
     import jax.numpy as jnp
 
@@ -153,6 +174,7 @@ def generate(args: argparse.Namespace) -> int:
         else args.decoder_guidance,
         negative_prompt=args.negative_prompt,
     )
+    init = {} if init_image is None else dict(strength=strength)
     if cascade:
         pipe = wj.StableCascadeCombinedPipeline.from_pretrained(
             decoder=plan.model, prior=plan.prior, sharding=args.sharding, **opts, **control_load
@@ -162,7 +184,20 @@ def generate(args: argparse.Namespace) -> int:
             prior_num_inference_steps=args.prior_steps or 20,
             num_inference_steps=args.steps or 10,
             **control_call,
+            **(init and dict(init_image=init_image, **init)),
         )
+    elif images_in:  # v2 image variation: the image's EfficientNet latents → the decoder; no prior
+        pipe = wj.WuerstchenDecoderPipeline.from_pretrained(plan.model, sharding=args.sharding, **opts)
+        pipe.resolution_multiple = plan.spec.resolution_multiple  # the prior folder's grid rule, as text-to-image
+        common = dict(
+            image=images_in[0],
+            height=plan.height,
+            width=plan.width,
+            num_inference_steps=args.steps or 12,
+            guidance_scale=common["decoder_guidance_scale"],
+            negative_prompt=args.negative_prompt,
+        )
+        steps = {}
     else:
         pipe = wj.WuerstchenPipeline.from_pretrained(
             decoder=plan.model, prior=plan.prior, sharding=args.sharding, **opts
@@ -171,25 +206,16 @@ def generate(args: argparse.Namespace) -> int:
             prior_num_inference_steps=args.prior_steps or 60,
             prior_timesteps=None if args.prior_steps else DEFAULT_STAGE_C_TIMESTEPS,
             num_inference_steps=args.steps or 12,
+            **(init and dict(image=init_image, **init)),
         )
+    if args.effnet is not None and (init_image is not None or (images_in and not cascade)):  # not for sr alone
+        pipe.load_effnet(args.effnet, opts["dtype"])
     images, done = [], 0
     for n in plan.batches:  # several batches: image i gets seed + i, whatever the batch size
         seed = args.seed if len(plan.batches) == 1 else [args.seed + done + i for i in range(n)]
-        images += pipe(args.prompt, num_images_per_prompt=n, seed=seed, **steps, **common).images
+        images += pipe(prompt=args.prompt, num_images_per_prompt=n, seed=seed, **steps, **common).images
         done += n
     return _save(images, out)
-
-
-def _open_image(path: str):
-    """An --image file as an RGB-convertible PIL image (loaded now, so a bad file fails before any work)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except OSError as e:
-        raise ValueError(f"--image {path}: cannot read it as an image ({e})") from None
 
 
 def _save(images: list, out: Path) -> int:

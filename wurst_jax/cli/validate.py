@@ -197,3 +197,59 @@ def tiny_warnings(plan: GeneratePlan, prompt: str) -> list[str]:
     for line in lines:
         print(f"wurst-jax generate: warning: {line}", file=sys.stderr)
     return lines
+
+
+DEFAULT_STRENGTH = 0.8  # --strength's default: the original Stable Cascade image-to-image example's noise_level
+EFFNET_FILES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
+
+
+def read_image(flag: str, path: str):
+    """An image file as a PIL image, read now (a missing or unreadable file fails before any weights load)."""
+    from PIL import Image
+
+    if not Path(path).expanduser().is_file():
+        raise ValueError(f"{flag} {path}: no such file")
+    try:
+        with Image.open(Path(path).expanduser()) as image:
+            image.load()
+            return image.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{flag} {path}: cannot read it as an image ({' '.join(str(e).split())})") from None
+
+
+def check_image_inputs(args: argparse.Namespace, cascade: bool) -> tuple[list, object, float]:
+    """--image, --init-image, --strength and --effnet: (variation images, the start image or None, strength).
+    `cascade`: a Stable Cascade model (--image = CLIP image tokens; v2: the decoder from one image's latents)."""
+    images, init, strength = args.image or [], args.init_image, args.strength
+    if strength is not None:
+        if init is None:
+            raise ValueError("--strength needs --init-image FILE (the image to start from)")
+        if not math.isfinite(strength) or not 0 < strength <= 1:
+            raise ValueError(f"--strength {strength}: expected a number in (0, 1] (1 ignores the image)")
+    if images and not cascade:
+        if len(images) > 1:
+            raise ValueError(f"--image given {len(images)} times: Würstchen v2 image variation takes one image")
+        if init is not None:
+            raise ValueError("--init-image with a Würstchen v2 --image: variation runs no prior to start from it")
+    uses = (("--init-image", init is not None), ("--image", images and not cascade))
+    needs = [f for f, used in (*uses, ("--control sr", getattr(args, "control", None) == "sr")) if used]
+    if needs and args.effnet is None:
+        raise ValueError(
+            f"{needs[0]} needs --effnet PATH (the EfficientNet encoder: a folder converted with `wurst-jax convert "
+            "... --stage effnet`, or effnet_encoder.safetensors / model_v2_stage_b.pt)"
+        )
+    if args.effnet is not None:
+        if not needs:
+            raise ValueError(
+                "--effnet is used only with --init-image, --control sr, or --image with a Würstchen v2 model"
+            )
+        p = Path(args.effnet).expanduser()
+        if not p.exists():
+            raise ValueError(f"--effnet {args.effnet}: no such file or folder")
+        if p.is_dir() and not (p / "config.json").is_file():
+            raise ValueError(f"--effnet {args.effnet}: a folder without config.json (not an EfficientNet component)")
+        if p.is_file() and p.suffix not in EFFNET_FILES:
+            raise ValueError(f"--effnet {args.effnet}: expected a folder or a {'/'.join(EFFNET_FILES)} file")
+    pictures = [read_image("--image", f) for f in images]
+    start = None if init is None else read_image("--init-image", init)
+    return pictures, start, DEFAULT_STRENGTH if strength is None else float(strength)

@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from wurst_jax.lora.pipeline import LoraMixin
-from wurst_jax.pipelines import args, random
+from wurst_jax.pipelines import args, image_to_image, random
 from wurst_jax.pipelines.cascade_prior import StableCascadePriorPipeline, pooled_array
 from wurst_jax.pipelines.components import Component, load_pipeline_folder
 from wurst_jax.pipelines.outputs import ImagePipelineOutput, to_pil
@@ -240,6 +240,10 @@ class StableCascadeCombinedPipeline(LoraMixin):
         None detaches it."""
         self.prior_pipe.load_controlnet(controlnet, control_type, effnet)
 
+    def load_effnet(self, path: Any, dtype: Any = jnp.float32) -> None:
+        """The EfficientNet encoder for image-to-image (`init_image=`, `strength=`): see the prior pipeline's."""
+        self.prior_pipe.load_effnet(path, dtype)
+
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -269,6 +273,8 @@ class StableCascadeCombinedPipeline(LoraMixin):
         controlnet_conditioning_scale: float = 1.0,
         mask_image: Any = None,
         prior_shift: float = 1.0,
+        init_image: Any = None,
+        strength: float = 1.0,
     ) -> ImagePipelineOutput:
         """Arguments and defaults as diffusers' StableCascadeCombinedPipeline (512², 60 prior and 12 decoder
         steps), with `seed` for generators and honoured `prior_timesteps` / `decoder_timesteps`.
@@ -278,7 +284,8 @@ class StableCascadeCombinedPipeline(LoraMixin):
         fails there). `latents` [N, h, w, 16], `decoder_latents` [N, H, W, 4] and the `*_step_noise` arrays
         [S, N, ...] replace what `seed` would draw (for exact replays). `control_image`,
         `controlnet_conditioning_scale`, `mask_image`: the prior's ControlNet inputs, `prior_shift` its schedule
-        shift (see the prior pipeline).
+        shift (see the prior pipeline). `init_image`, `strength`: the prior's image-to-image (`load_effnet` first;
+        see the prior pipeline).
         """
         n_per = args.check_int("num_images_per_prompt", num_images_per_prompt)
         if prompt is not None:
@@ -288,7 +295,10 @@ class StableCascadeCombinedPipeline(LoraMixin):
         else:
             raise ValueError("pass exactly one of `prompt` and `prompt_embeds`")
         self.decoder_pipe.latent_size(*self.prior_pipe.latent_size(height, width))  # fail before any work
-        random.image_keys(seed, b * n_per)  # validate the seed before any work
+        n = b * n_per
+        if init_image is not None and image_to_image.check_strength(strength, init_image, "init_image") < 1.0:
+            n = image_to_image.paired(n, n_per, image_to_image.count(init_image))  # one prompt over k images
+        random.image_keys(seed, n)  # validate the seed before any work
         args.check_output_type(output_type, ("pil", "np", "latent"))
         w_dec = args.check_guidance("decoder_guidance_scale", decoder_guidance_scale)
         seed = seed if seed is not None else random.fresh_seed()
@@ -297,6 +307,7 @@ class StableCascadeCombinedPipeline(LoraMixin):
             negative_prompt, prompt_embeds, prompt_embeds_pooled, negative_prompt_embeds,
             negative_prompt_embeds_pooled, image_embeds, n_per, seed, latents, prior_step_noise,
             control=(control_image, controlnet_conditioning_scale, mask_image), shift=prior_shift,
+            init=(init_image, strength),
         )  # fmt: skip
 
         def negatives() -> np.ndarray:  # the prior ran without guidance: encode them as it would have

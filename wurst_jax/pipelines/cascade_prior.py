@@ -6,6 +6,12 @@ text_encoder/, tokenizer/, scheduler/, and for image variation image_encoder/ + 
 conditioning is the text encoder's last layer before its final norm ([N, 77, D]) and its pooled projection
 ([N, 1, P]); each image is one CLIP image token ([N, k, 768] for k images), zeros when there is none and in the
 unconditional half. Stage C's whole loop is one compiled function (`runner.py`), guidance as one batch.
+
+Image-to-image (`init_image=`, `strength=`) starts stage C from the image's EfficientNet latents (Stable
+Cascade's `effnet_encoder.safetensors`, `load_effnet`) noised to t = `strength`, as the original's image-to-image
+recipe (`image_to_image.py`). The start image is `init_image`, not diffusers' `image`: this pipeline already has
+diffusers' `images=` (image variation through CLIP image tokens), and `image=` beside `images=` would turn a
+one-letter slip into the other feature; both may be given together.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from jax.sharding import Mesh
 
 from wurst_jax.lora.pipeline import LoraMixin
 from wurst_jax.models.clip_image import ImageProcessorConfig, preprocess
-from wurst_jax.pipelines import args, random
+from wurst_jax.pipelines import args, image_to_image, random
 from wurst_jax.pipelines.components import Component, load_pipeline_folder
 from wurst_jax.pipelines.control import Controller
 from wurst_jax.pipelines.outputs import StableCascadePriorPipelineOutput
@@ -132,10 +138,17 @@ class StableCascadePriorPipeline(LoraMixin):
             "prior", prior, cascade_prior_model, self.scheduler, self.plan, self.compiler, streams
         )
         self.runner.adapters = lambda: self._lora()["prior"].loop_adapters()
+        self.effnet: Component | None = None  # the EfficientNet encoder, for image-to-image (`load_effnet`)
 
     def _lora_components(self) -> dict:
         """LoRA file prefixes → (component, applied inside the loop); ReToken rows go to the text encoder."""
         return {"prior": (self.prior, True), "text_encoder": (self.text.encoder, False)}
+
+    def load_effnet(self, path: Any, dtype: Any = jnp.float32) -> None:
+        """The EfficientNet encoder `init_image=` is encoded with: Stable Cascade's `effnet_encoder.safetensors`
+        (the file itself, or a folder converted from it with `wurst-jax convert ... --stage effnet_encoder`), or
+        `wj.load_component`'s (module, variables)."""
+        self.effnet = image_to_image.load_effnet(path, dtype)
 
     @classmethod
     def from_pretrained(
@@ -295,19 +308,25 @@ class StableCascadePriorPipeline(LoraMixin):
         controlnet_conditioning_scale: float = 1.0,
         mask_image: Any = None,
         shift: float = 1.0,
+        init_image: Any = None,
+        strength: float = 1.0,
     ) -> StableCascadePriorPipelineOutput:
         """Arguments and defaults as diffusers' StableCascadePriorPipeline, with `seed` for generators.
         `images`: one image or a list (each becomes one image token); `latents` [N, h, w, 16] and `step_noise`
         [S, N, h, w, 16] replace what `seed` draws. `output_type` "np" (host arrays) or "jax" (a device array).
         With a ControlNet: `control_image` (one image or one per generated image), `controlnet_conditioning_scale`
         and, for inpainting, `mask_image` (white / True = generate). `shift`: the original's schedule shift
-        (`samplers.ddpm_wuerstchen.shift_timesteps`; its notebooks sample stage C with 2; 1: diffusers')."""
+        (`samplers.ddpm_wuerstchen.shift_timesteps`; its notebooks sample stage C with 2; 1: diffusers').
+        Image-to-image: `init_image` (PIL, array [H, W, 3] or [B, H, W, 3], or a list; one for all prompts, one per
+        prompt, or one prompt over several) and `strength` in (0, 1] (t_start: `int(num_inference_steps ·
+        strength)` steps run; 1 = text-to-image)."""
         args.check_output_type(output_type, ("np", "jax"))
         emb, n, embeds = self._run(
             prompt, images, height, width, num_inference_steps, timesteps, guidance_scale, negative_prompt,
             prompt_embeds, prompt_embeds_pooled, negative_prompt_embeds, negative_prompt_embeds_pooled, image_embeds,
             num_images_per_prompt, seed, latents, step_noise,
             control=(control_image, controlnet_conditioning_scale, mask_image), shift=shift,
+            init=(init_image, strength),
         )  # fmt: skip
         if output_type == "np":
             emb = self.plan.host(emb)[:n]
@@ -318,7 +337,7 @@ class StableCascadePriorPipeline(LoraMixin):
     def _run(
         self, prompt, images, height, width, num_inference_steps, timesteps, guidance_scale, negative_prompt,
         prompt_embeds, prompt_embeds_pooled, negative_prompt_embeds, negative_prompt_embeds_pooled, image_embeds,
-        num_images_per_prompt, seed, latents, step_noise, control=(None, 1.0, None), shift=1.0,
+        num_images_per_prompt, seed, latents, step_noise, control=(None, 1.0, None), shift=1.0, init=(None, 1.0),
     ) -> tuple[jax.Array, int, tuple]:  # fmt: skip
         """(stage C latents [padded N, h, w, C] on the device, N, the four text conditionings per image)."""
         if (prompt is None) == (prompt_embeds is None):
@@ -327,7 +346,12 @@ class StableCascadePriorPipeline(LoraMixin):
             raise ValueError("pass at most one of `negative_prompt` and `negative_prompt_embeds`")
         n_per = args.check_int("num_images_per_prompt", num_images_per_prompt)
         w = args.check_guidance("guidance_scale", guidance_scale)
-        ts = args.schedule(self.scheduler, "num_inference_steps", num_inference_steps, timesteps, shift=shift)
+        init_image, strength = init[0], image_to_image.check_strength(init[1], init[0], "init_image")
+        if init_image is not None and strength < 1.0:
+            ts = image_to_image.schedule(self.scheduler, num_inference_steps, timesteps, strength, shift)
+        else:  # strength 1: the image is noise only, exactly text-to-image
+            init_image = None
+            ts = args.schedule(self.scheduler, "num_inference_steps", num_inference_steps, timesteps, shift=shift)
         h, wd = self.latent_size(height, width)
         embeds = self.encode_prompt(
             prompt, negative_prompt, n_per, w > 1, prompt_embeds, prompt_embeds_pooled, negative_prompt_embeds,
@@ -338,11 +362,18 @@ class StableCascadePriorPipeline(LoraMixin):
         image = self.encode_image(images, image_embeds, n // n_per, n_per)
         cond = {"text": text, "pooled": pooled, "image": image}
         uncond = None if neg is None else {"text": neg, "pooled": neg_pooled, "image": np.zeros_like(image)}
+        shape = (h, wd, self.prior.module.config.in_channels)
+        x_init = None
+        if init_image is not None:  # stage C samples in the encoder's space itself (no v2-style 42× mapping)
+            emb = image_to_image.encode_images(self, init_image, (h, wd), shape[-1], "init_image")
+            cond, uncond, x_init = image_to_image.pair(cond, uncond, emb, n_per)
+            n = x_init.shape[0]
+            neg, neg_pooled = (None, None) if uncond is None else (uncond["text"], uncond["pooled"])
+            embeds = (cond["text"], cond["pooled"], neg, neg_pooled)
         cn = self._control(n, *control)
         if cn is not None:  # the same control in both halves, as the original's `unconditions['cnet'] = cnet`
             cond["control"] = cn
             if uncond is not None:
                 uncond["control"] = cn
-        shape = (h, wd, self.prior.module.config.in_channels)
-        out = self.runner(n, shape, ts, cond, uncond, w, seed, latents, step_noise)
+        out = self.runner(n, shape, ts, cond, uncond, w, seed, latents, step_noise, x_init)
         return out, n, embeds

@@ -75,8 +75,9 @@ class WuerstchenPriorPipeline(LoraMixin):
         self.effnet: Component | None = None  # the EfficientNet encoder, for image-to-image (`load_effnet`)
 
     def load_effnet(self, path: Any, dtype: Any = jnp.float32) -> None:
-        """The semantic encoder image-to-image encodes with: a folder `load_component` reads (e.g. converted from
-        `model_v2_stage_b.pt` with `wurst-jax convert ... --stage effnet`), or (module, variables)."""
+        """The semantic encoder image-to-image encodes with: `model_v2_stage_b.pt` itself (its `effnet_state_dict`),
+        a folder `load_component` reads (e.g. converted from it with `wurst-jax convert ... --stage effnet`), or
+        (module, variables)."""
         self.effnet = image_to_image.load_effnet(path, dtype)
 
     def _lora_components(self) -> dict:
@@ -199,7 +200,7 @@ class WuerstchenPriorPipeline(LoraMixin):
         cond, uncond = self.encode_prompt(prompt, negative_prompt, n_per, w > 1, prompt_embeds, negative_prompt_embeds)
         x_init = None
         if image is not None and strength < 1.0:
-            emb = image_to_image.encode_images(self, image, (h, wd))
+            emb = image_to_image.encode_images(self, image, (h, wd), self.prior.module.config.c_in)
             cond, uncond, x_init = image_to_image.pair(cond, uncond, emb, n_per)
             x_init = (x_init + self.latent_std) / self.latent_mean  # the prior's space (its output maps back)
         n = cond.shape[0]
@@ -247,6 +248,25 @@ class WuerstchenDecoderPipeline:
             self.compiler,
             (random.Stream.DECODER_LATENTS, random.Stream.DECODER_STEPS),
         )
+        self.effnet: Component | None = None  # the EfficientNet encoder, for image variation (`load_effnet`)
+        a = vqgan.module.config
+        # pixels per prior-grid cell (v2: 10.67 × 4 ≈ 42.67): the grid an `image=` call encodes for its size
+        self.resolution_multiple = latent_dim_scale * a.up_down_scale_factor**a.levels
+
+    def load_effnet(self, path: Any, dtype: Any = jnp.float32) -> None:
+        """The semantic encoder image variation (`image=`) encodes with: a folder, an original file or (module,
+        variables), as the prior pipeline's `load_effnet`."""
+        self.effnet = image_to_image.load_effnet(path, dtype)
+
+    def embed_images(self, image: Any, height: int | None = None, width: int | None = None) -> np.ndarray:
+        """Image variation's `image_embeddings` [B, h, w, C]: the EfficientNet latents of `image` for a
+        `height` × `width` output (default: the image's own size), grid ceil(size / `resolution_multiple`)."""
+        shape = image_to_image.as_images(image).shape
+        height = shape[1] if height is None else args.check_int("height", height)
+        width = shape[2] if width is None else args.check_int("width", width)
+        grid = (math.ceil(height / self.resolution_multiple), math.ceil(width / self.resolution_multiple))
+        self.latent_size(*grid)  # a size the decoder can make, before any work
+        return image_to_image.encode_images(self, image, grid, self.decoder.module.config.effnet_embd)
 
     @classmethod
     def from_pretrained(
@@ -294,7 +314,7 @@ class WuerstchenDecoderPipeline:
 
     def __call__(
         self,
-        image_embeddings: Any,
+        image_embeddings: Any = None,
         prompt: str | list[str] = "",
         num_inference_steps: int = 12,
         timesteps: list[float] | None = None,
@@ -305,9 +325,19 @@ class WuerstchenDecoderPipeline:
         latents: Any = None,
         output_type: str = "pil",
         step_noise: Any = None,
+        image: Any = None,
+        height: int | None = None,
+        width: int | None = None,
     ) -> ImagePipelineOutput:
-        """`image_embeddings` [B, h, w, 16]; `prompt`: one for all, or one per embedding (or per group of them)."""
-        emb = image_embeddings
+        """`image_embeddings` [B, h, w, 16]; `prompt`: one for all, or one per embedding (or per group of them).
+        Image variation: `image` (PIL, array [H, W, 3] or [B, H, W, 3], or a list) in place of `image_embeddings`,
+        encoded by `self.effnet` (`load_effnet`, see `embed_images`) for a `height` × `width` output (default: the
+        image's size); no prior runs."""
+        if (image_embeddings is None) == (image is None):
+            raise ValueError("pass exactly one of `image_embeddings` and `image` (image variation)")
+        if image is None and (height is not None or width is not None):
+            raise ValueError("`height` / `width` go with `image=`; `image_embeddings` decide the size themselves")
+        emb = image_embeddings if image is None else self.embed_images(image, height, width)
         if not isinstance(emb, jax.Array):
             emb = np.asarray(emb, np.float32)
         return self._decode(emb, int(np.shape(emb)[0]), prompt, num_inference_steps, timesteps, guidance_scale,
@@ -356,8 +386,10 @@ class WuerstchenPipeline(LoraMixin):
         return self.prior_pipe._lora()
 
     def load_effnet(self, path: Any, dtype: Any = jnp.float32) -> None:
-        """The EfficientNet encoder for image-to-image (`image=`, `strength=`): see the prior pipeline's."""
+        """The EfficientNet encoder for image-to-image (`image=`, `strength=`; see the prior pipeline's), shared
+        with the decoder pipeline for image variation (`pipe.decoder_pipe(image=...)`)."""
         self.prior_pipe.load_effnet(path, dtype)
+        self.decoder_pipe.effnet = self.prior_pipe.effnet
 
     @classmethod
     def from_pretrained(
@@ -419,6 +451,8 @@ class WuerstchenPipeline(LoraMixin):
             "num_images_per_prompt", num_images_per_prompt
         )
         self.decoder_pipe.latent_size(*self.prior_pipe.latent_size(height, width))  # fail before any work
+        if image is not None and image_to_image.check_strength(strength, image) < 1.0:  # one prompt, k images
+            n = image_to_image.paired(n, num_images_per_prompt, image_to_image.count(image))
         random.image_keys(seed, n)  # validate the seed before any work
         args.check_output_type(output_type, ("pil", "np", "latent"))
         seed = seed if seed is not None else random.fresh_seed()
