@@ -178,7 +178,7 @@ class StableCascadeDecoderPipeline:
         uncond = None
         if negatives is not None:
             neg = args.rows_per_image("negative_prompt_embeds_pooled", negatives(), n)
-            uncond = {"effnet": jnp.zeros(emb.shape, jnp.float32), "pooled": neg}
+            uncond = {"effnet": np.zeros(emb.shape, np.float32), "pooled": neg}
         shape = (h, wd, self.decoder.module.config.in_channels)
         out = self.runner(n, shape, ts, cond, uncond, guidance, seed, latents, step_noise)
         if output_type == "latent":
@@ -273,7 +273,7 @@ class StableCascadeCombinedPipeline:
         else:
             raise ValueError("pass exactly one of `prompt` and `prompt_embeds`")
         self.decoder_pipe.latent_size(*self.prior_pipe.latent_size(height, width))  # fail before any work
-        random.image_keys(seed, b * n_per)  # validate the seed before any work
+        random.check_seed(seed, b * n_per)  # before any work
         args.check_output_type(output_type, ("pil", "np", "latent"))
         w_dec = args.check_guidance("decoder_guidance_scale", decoder_guidance_scale)
         seed = seed if seed is not None else random.fresh_seed()

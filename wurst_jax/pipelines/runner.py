@@ -111,12 +111,17 @@ class StageRunner:
         """The final latents [padded N, *shape] (f32, on the device). `latents` / `step_noise` ([S, N, *shape])
         replace what `seed` draws; `x_init` [N, *shape] starts from that sample noised to `timesteps[0]`."""
         steps = len(timesteps) - 1
-        keys = random.image_keys(seed, n) if latents is None or step_noise is None else None
-        x = random.draw(keys, self.streams[0], shape) if latents is None else given("latents", latents, (n, *shape))
-        if step_noise is None:
-            eps = random.step_noise(keys, self.streams[1], steps, shape)
+        if latents is None and step_noise is None:  # both drawn by one compiled program
+            keys, fold = random.seed_keys(seed, n)
+            static = dict(fold=fold, n=n, streams=tuple(self.streams), shape=tuple(shape), steps=steps)
+            x, eps = self.compiler("noise", random.stage_noise, static, keys, report=False)
         else:
-            eps = given("step_noise", step_noise, (steps, n, *shape))
+            keys = random.image_keys(seed, n) if latents is None or step_noise is None else None
+            x = random.draw(keys, self.streams[0], shape) if latents is None else given("latents", latents, (n, *shape))
+            if step_noise is None:
+                eps = random.step_noise(keys, self.streams[1], steps, shape)
+            else:
+                eps = given("step_noise", step_noise, (steps, n, *shape))
         plan = self.plan
         batch = lambda tree: None if tree is None else jax.tree_util.tree_map(plan.batch, tree)  # noqa: E731
         grid = "×".join(map(str, shape[:-1]))
