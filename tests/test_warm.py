@@ -30,6 +30,7 @@ def program(w, x, *, scale):
 
 enable_compilation_cache(sys.argv[1])
 w, x = np.linspace(-1, 1, 48, dtype=np.float32).reshape(8, 6), np.ones((3, 8), np.float32)
+w, x = jax.device_put((w, x), jax.devices()[-1])  # not the default device: the kept program runs where it was made
 if sys.argv[2] == "jax-only":  # fills jax's own cache with the same program (as an older wurst_jax run would)
     jax.jit(program, static_argnames="scale").lower(w, x, scale=2.0).compile()
     sys.exit(0)
@@ -40,8 +41,9 @@ print(kept, ",".join(f"{v:.6f}" for v in np.asarray(out)))
 
 
 def run(cache: Path, mode: str) -> str:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = dict(
+        os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2"
+    )
     code = textwrap.dedent(PROGRAM)
     p = subprocess.run([sys.executable, "-c", code, str(cache), mode], capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -74,13 +76,14 @@ def f(x, *, module):
 
 def test_keys(cache_dir):
     static = {"module": WuerstchenPrior(StageCConfig.tiny())}
-    x = np.ones((2, 3), np.float32)
+    x = jax.device_put(np.ones((2, 3), np.float32))
     key = warm._executable_path("prior", f, static, (x,))
     assert key is not None and key.parent == cache_dir / "traced"
-    assert key == warm._executable_path("prior", f, static, (np.zeros((2, 3), np.float32),))  # values do not count
+    on = jax.device_put
+    assert key == warm._executable_path("prior", f, static, (on(np.zeros((2, 3), np.float32)),))  # values do not count
     others = [
-        warm._executable_path("prior", f, static, (np.ones((2, 4), np.float32),)),  # shape
-        warm._executable_path("prior", f, static, (np.ones((2, 3), np.int32),)),  # dtype
+        warm._executable_path("prior", f, static, (on(np.ones((2, 4), np.float32)),)),  # shape
+        warm._executable_path("prior", f, static, (on(np.ones((2, 3), np.int32)),)),  # dtype
         warm._executable_path("prior", f, static, ({"x": x},)),  # tree
         warm._executable_path("prior", f, {"module": static["module"].clone(scan_blocks=True)}, (x,)),  # static
         warm._executable_path("decoder", f, static, (x,)),  # name
@@ -88,6 +91,7 @@ def test_keys(cache_dir):
     assert len({key, *others}) == 6
     assert warm._executable_path("prior", lambda x: x, {}, (x,)) is None  # a lambda: what it captures is unnamed
     assert warm._executable_path("prior", f, {"module": object()}, (x,)) is None  # an address in its repr
+    assert warm._executable_path("prior", f, static, (np.ones((2, 3), np.float32),)) is None  # on no device yet
 
     def local(x):
         return x

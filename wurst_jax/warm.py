@@ -11,8 +11,9 @@ them, so a later process needs no tracing at all:
 Every key also holds `fingerprint()`: the jax / jaxlib / flax versions, the backend, its devices and platform
 version, XLA_FLAGS and the jax flags that change programs, and a hash of wurst_jax's own source files, so a changed
 install, machine or code never reuses an entry. A static argument whose repr names an object address (`<… at 0x…>`,
-a closure) has no stable key: such a call is not kept. Nothing is kept without a persistent cache folder
-(`--no-cache`) or with several processes (multi-host); an unreadable entry is ignored and written again.
+a closure) has no stable key: such a call is not kept, nor is a program whose inputs span several devices (sharded).
+Nothing is kept without a persistent cache folder (`--no-cache`) or with several processes (multi-host); an
+unreadable entry is ignored and written again.
 """
 
 from __future__ import annotations
@@ -108,8 +109,15 @@ def _write(path: Path | None, value: Any) -> None:
         return
 
 
+def device_of(args: tuple) -> Any:
+    """The one device all array inputs sit on, or None (several devices: a sharded program, not kept; its
+    executable would need the mesh's device order to load)."""
+    devices = {d for x in jax.tree_util.tree_leaves(args) if hasattr(x, "sharding") for d in x.sharding.device_set}
+    return devices.pop() if len(devices) == 1 else None
+
+
 def _executable_path(name: str, fn: Any, static: dict[str, Any], args: tuple) -> Path | None:
-    if folder() is None:
+    if folder() is None or device_of(args) is None:
         return None
     statics = [f"{k}={describe(v)}" if describe(v) is not None else None for k, v in sorted(static.items())]
     return _path("exe", [name, describe(fn), *statics, signature(args)])
@@ -123,8 +131,8 @@ def load_executable(name: str, fn: Any, static: dict[str, Any], args: tuple) -> 
         return None
     from jax.experimental import serialize_executable
 
-    try:
-        return serialize_executable.deserialize_and_load(*entry)
+    try:  # on the inputs' device (by default jax would load it for all of the backend's devices)
+        return serialize_executable.deserialize_and_load(*entry, execution_devices=[device_of(args)])
     except Exception:
         return None
 
