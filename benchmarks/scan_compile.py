@@ -1,10 +1,13 @@
 """Compile time of the inference loops, repeated blocks unrolled vs one `lax.scan` (`scan_blocks`), nothing run.
 
 Usage (repo root):  python benchmarks/scan_compile.py --stage prior decoder vqgan --res 1024 [--prior-depth 8]
+                    python benchmarks/scan_compile.py --stage stage_c stage_b --res 1024   (Stable Cascade)
 Each (stage, mode) is lowered and compiled in a fresh child process (no persistent compilation cache, nothing
 shared) from abstract inputs (`jax.ShapeDtypeStruct`: no weights are made): the pipelines' own stage functions,
-`run_loop` for the prior (29 steps, CFG as one batch) and the decoder (12 steps), `decode_images` for the VQGAN.
-Full-size v2 configs in bf16 unless `--prior-depth` / `--decoder-blocks` reduce the depth (to fit a slow host).
+`run_loop` for the prior (29 steps, CFG as one batch) and the decoder (12 steps), `decode_images` for the VQGAN;
+Stable Cascade's `run_loop` for stage C (20 steps, CFG) and stage B (10 steps), as `wurst-jax generate` runs them.
+Full-size configs (v2; Stable Cascade's released stage_c / stage_b) in bf16 unless `--prior-depth` /
+`--decoder-blocks` reduce the v2 depth (to fit a slow host).
 Prints one JSON line per measurement and appends them to `--out` (default benchmarks/results.jsonl).
 """
 
@@ -22,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "SCAN_ROW "
+STAGES = ("prior", "decoder", "vqgan", "stage_c", "stage_b")
 
 
 def measure(stage: str, scan: bool, res: int, batch: int, prior_depth: int, decoder_blocks: tuple | None) -> dict:
@@ -37,7 +41,7 @@ def measure(stage: str, scan: bool, res: int, batch: int, prior_depth: int, deco
     from wurst_jax.pipelines.wuerstchen import decode_images, decoder_model, prior_model
     from wurst_jax.samplers import DEFAULT_STAGE_C_TIMESTEPS, DDPMWuerstchen
 
-    dt = jnp.bfloat16
+    dt, f32 = jnp.bfloat16, jnp.float32
     sds = jax.ShapeDtypeStruct
     h = int(-(-res // 42.67))  # ceil(res / 42.67), as the pipeline
     hb = int(h * 10.67)
@@ -57,6 +61,27 @@ def measure(stage: str, scan: bool, res: int, batch: int, prior_depth: int, deco
         cond = {"effnet": sds((batch, h, h, cfg.effnet_embd), jnp.float32)}
         cond["clip"] = sds((batch, 77, cfg.clip_embd), jnp.float32)
         uncond, model_fn, config = None, decoder_model, {"blocks": list(cfg.blocks)}
+    elif stage == "stage_c":
+        from wurst_jax.models.cascade import StableCascadeUNet, StableCascadeUNetConfig
+        from wurst_jax.pipelines.cascade_prior import cascade_prior_model
+
+        cfg = StableCascadeUNetConfig.stage_c()
+        module = StableCascadeUNet(cfg, dtype=dt, param_dtype=dt, scan_blocks=scan)
+        steps, shape = 20, (h, h, cfg.in_channels)
+        cond = {"text": sds((batch, 77, cfg.clip_text_in_channels), f32)}
+        cond["pooled"] = sds((batch, 1, cfg.clip_text_pooled_in_channels), f32)
+        cond["image"] = sds((batch, 1, cfg.clip_image_in_channels), f32)
+        uncond, model_fn, config = cond, cascade_prior_model, {"preset": "stage_c"}
+    elif stage == "stage_b":
+        from wurst_jax.models.cascade import StableCascadeUNet, StableCascadeUNetConfig
+        from wurst_jax.pipelines.cascade import cascade_decoder_model
+
+        cfg = StableCascadeUNetConfig.stage_b()
+        module = StableCascadeUNet(cfg, dtype=dt, param_dtype=dt, scan_blocks=scan)
+        steps, shape = 10, (hb, hb, cfg.in_channels)
+        cond = {"effnet": sds((batch, h, h, cfg.effnet_in_channels), f32)}
+        cond["pooled"] = sds((batch, 1, cfg.clip_text_pooled_in_channels), f32)
+        uncond, model_fn, config = None, cascade_decoder_model, {"preset": "stage_b"}
     else:
         module = wj.PaellaVQModel(wj.StageAConfig.v2(), dtype=dt, param_dtype=dt)
     variables = abstract_variables(module)
@@ -67,7 +92,6 @@ def measure(stage: str, scan: bool, res: int, batch: int, prior_depth: int, deco
     else:
         static = dict(module=module, model_fn=model_fn, sampler=DDPMWuerstchen())
         jitted = jax.jit(run_loop, static_argnames=tuple(static))
-        f32 = jnp.float32
         args = (sds((batch, *shape), f32), sds((steps + 1,), f32), sds((steps, batch, *shape), f32), cond, uncond)
         lowered = jitted.lower(variables, *args, sds((), f32), None, **static)
     t1 = time.perf_counter()
@@ -92,7 +116,7 @@ def measure(stage: str, scan: bool, res: int, batch: int, prior_depth: int, deco
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", nargs="+", default=["prior", "decoder", "vqgan"], choices=("prior", "decoder", "vqgan"))
+    p.add_argument("--stage", nargs="+", default=["prior", "decoder", "vqgan"], choices=STAGES)
     p.add_argument("--mode", nargs="+", default=["unrolled", "scan"], choices=("unrolled", "scan"))
     p.add_argument("--res", type=int, default=1024)
     p.add_argument("--batch", type=int, default=1)

@@ -169,7 +169,7 @@ class ShardingPlan:
     def batch(self, x: Any, axis: int = 0) -> jax.Array:
         """Pad axis `axis` to a multiple of the data axis (repeating the last row) and split it over "data"."""
         if self.mesh is None:
-            return jax.numpy.asarray(x)
+            return _to_device(x)
         if isinstance(x, jax.Array) and x.shape[axis] == self.padded(x.shape[axis]):
             spec = [None] * x.ndim
             spec[axis] = DATA
@@ -188,7 +188,7 @@ class ShardingPlan:
 
     def replicated(self, x: Any) -> jax.Array:
         if self.mesh is None:
-            return jax.numpy.asarray(x)
+            return _to_device(x)
         x = self.host(x)
         return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, PartitionSpec()), lambda i: x[i])
 
@@ -198,3 +198,11 @@ class ShardingPlan:
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(x)
+
+
+def _to_device(x: Any) -> jax.Array:
+    """`jnp.asarray(x)` without a compiled program: a host array is put on the default device as it is (jnp.asarray
+    compiles and runs a small `stage` program per shape, each a cache load in a new process)."""
+    if isinstance(x, jax.Array):
+        return x
+    return jax.device_put(np.asarray(x))

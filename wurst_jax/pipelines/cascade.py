@@ -182,7 +182,7 @@ class StableCascadeDecoderPipeline:
         uncond = None
         if negatives is not None:
             neg = args.rows_per_image("negative_prompt_embeds_pooled", negatives(), n)
-            uncond = {"effnet": jnp.zeros(emb.shape, jnp.float32), "pooled": neg}
+            uncond = {"effnet": np.zeros(emb.shape, np.float32), "pooled": neg}
         shape = (h, wd, self.decoder.module.config.in_channels)
         out = self.runner(n, shape, ts, cond, uncond, guidance, seed, latents, step_noise)
         if output_type == "latent":
@@ -298,7 +298,7 @@ class StableCascadeCombinedPipeline(LoraMixin):
         n = b * n_per
         if init_image is not None and image_to_image.check_strength(strength, init_image, "init_image") < 1.0:
             n = image_to_image.paired(n, n_per, image_to_image.count(init_image))  # one prompt over k images
-        random.image_keys(seed, n)  # validate the seed before any work
+        random.check_seed(seed, n)  # before any work
         args.check_output_type(output_type, ("pil", "np", "latent"))
         w_dec = args.check_guidance("decoder_guidance_scale", decoder_guidance_scale)
         seed = seed if seed is not None else random.fresh_seed()

@@ -26,18 +26,34 @@ def fresh_seed() -> int:
     return int.from_bytes(np.random.default_rng().bytes(4), "little")
 
 
-def image_keys(seed: int | list[int] | None, n: int) -> jax.Array:
-    """One PRNG key per image: `seed` int → fold_in(key(seed), i); a list gives each image its own seed."""
-    if seed is None:
-        seed = fresh_seed()
+def check_seed(seed: int | list[int] | None, n: int) -> None:
+    """A clear error unless `seed` is None, an int, or a list of `n` ints (nothing is computed)."""
     if isinstance(seed, (list, tuple)):
         if len(seed) != n or not all(isinstance(s, (int, np.integer)) for s in seed):
             raise ValueError(f"`seed` as a list needs {n} integers (one per image), got {seed!r}")
-        return jnp.stack([jax.random.key(int(s)) for s in seed])
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    elif seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
         raise ValueError(f"`seed` must be an int or a list of ints, got {seed!r}")
-    base = jax.random.key(int(seed))
-    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(n))
+
+
+def seed_keys(seed: int | list[int] | None, n: int) -> tuple[jax.Array, bool]:
+    """(keys, fold): key(seed) and True for an int seed (`image_keys` folds in 0..n-1), or one key per image from a
+    list and False. What `stage_noise` takes, so the folding runs inside its one compiled program."""
+    check_seed(seed, n)
+    if seed is None:
+        seed = fresh_seed()
+    if isinstance(seed, (list, tuple)):
+        return jnp.stack([jax.random.key(int(s)) for s in seed]), False
+    return jax.random.key(int(seed)), True
+
+
+def fold_keys(keys: jax.Array, fold: bool, n: int) -> jax.Array:
+    """`seed_keys`' keys → one key per image."""
+    return jax.vmap(lambda i: jax.random.fold_in(keys, i))(jnp.arange(n)) if fold else keys
+
+
+def image_keys(seed: int | list[int] | None, n: int) -> jax.Array:
+    """One PRNG key per image: `seed` int → fold_in(key(seed), i); a list gives each image its own seed."""
+    return fold_keys(*seed_keys(seed, n), n)
 
 
 def draw(keys: jax.Array, stream: Stream, shape: tuple[int, ...]) -> jax.Array:
@@ -48,3 +64,12 @@ def draw(keys: jax.Array, stream: Stream, shape: tuple[int, ...]) -> jax.Array:
 def step_noise(keys: jax.Array, stream: Stream, steps: int, shape: tuple[int, ...]) -> jax.Array:
     """Per-step noise [S, N, *shape]."""
     return jnp.swapaxes(draw(keys, stream, (steps, *shape)), 0, 1)
+
+
+def stage_noise(
+    keys: jax.Array, *, fold: bool, n: int, streams: tuple[Stream, Stream], shape: tuple[int, ...], steps: int
+) -> tuple[jax.Array, jax.Array]:
+    """A stage's initial noise [N, *shape] (`streams[0]`) and per-step noise [S, N, *shape] (`streams[1]`) from
+    `seed_keys`' keys: `draw` and `step_noise`, compiled as one program (the same numbers as drawing them apart)."""
+    keys = fold_keys(keys, fold, n)
+    return draw(keys, streams[0], shape), step_noise(keys, streams[1], steps, shape)

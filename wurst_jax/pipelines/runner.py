@@ -8,10 +8,12 @@ run as one batch inside the loop. Batches are padded to the mesh's data axis; th
 (`n` real rows first) so the next stage can take it without a trip through the host.
 
 `scan_blocks` runs a model's repeated blocks (modules with a `scan_blocks` field: the prior's triples, the
-decoder's level repeats) as one `lax.scan` inside the loop, so XLA compiles one repeat instead of all of them.
-The default per stage (`SCAN_BLOCKS`) is measured (benchmarks/scan_compile.py, RESULTS.md): the v2 prior's 32
-triples compile twice as fast scanned; the decoder, whose compile time is mostly its high-resolution levels, does not
-compile faster scanned, so it stays unrolled. Outputs equal (tests/test_inference_scan.py).
+decoder's level repeats, Stable Cascade's level repeats) as one `lax.scan` inside the loop, so XLA compiles one
+repeat instead of all of them. The default per model kind (`SCAN_BLOCKS`, registry kinds) is measured
+(benchmarks/scan_compile.py, RESULTS.md): the v2 prior's 32 triples compile twice as fast scanned; the v2 decoder,
+whose compile time is mostly its high-resolution levels, does not compile faster scanned, so it stays unrolled;
+Stable Cascade's stage C and stage B (`cascade_unet`) compile 1.7× and 2.4× as fast scanned. Outputs equal
+(tests/test_inference_scan.py, tests/test_cascade_inference_scan.py).
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from wurst_jax.lora.adapter import merge
+from wurst_jax.models import registry
 from wurst_jax.pipelines import random
 from wurst_jax.pipelines.components import Component
 from wurst_jax.pipelines.runtime import CompileCache
 from wurst_jax.samplers import Sampler, denoise_loop, guided
 from wurst_jax.sharding import ShardingPlan
 
-SCAN_BLOCKS = {"prior": True}  # stage name -> inference default (others: unrolled); see the module docstring
+# registry kind -> inference default (others: unrolled); see the module docstring
+SCAN_BLOCKS = {"prior": True, "decoder": False, "cascade_unet": True}
 ModelFn = Callable[[Any, Any, jax.Array, jax.Array, dict], jax.Array]  # (module, variables, x, r, conditioning)
 
 
@@ -82,7 +86,7 @@ class StageRunner:
     ):
         self.name, self.component, self.model_fn, self.sampler = name, component, model_fn, sampler
         self.plan, self.compiler, self.streams = plan, compiler, streams
-        self.scan_blocks = SCAN_BLOCKS.get(name, False) if scan_blocks is None else scan_blocks
+        self.scan_blocks = SCAN_BLOCKS.get(_kind(component.module), False) if scan_blocks is None else scan_blocks
         self.adapters: Callable[[], list | None] = lambda: None  # unfused LoRA adapters (set by the pipeline)
 
     @property
@@ -111,12 +115,17 @@ class StageRunner:
         """The final latents [padded N, *shape] (f32, on the device). `latents` / `step_noise` ([S, N, *shape])
         replace what `seed` draws; `x_init` [N, *shape] starts from that sample noised to `timesteps[0]`."""
         steps = len(timesteps) - 1
-        keys = random.image_keys(seed, n) if latents is None or step_noise is None else None
-        x = random.draw(keys, self.streams[0], shape) if latents is None else given("latents", latents, (n, *shape))
-        if step_noise is None:
-            eps = random.step_noise(keys, self.streams[1], steps, shape)
+        if latents is None and step_noise is None:  # both drawn by one compiled program
+            keys, fold = random.seed_keys(seed, n)
+            static = dict(fold=fold, n=n, streams=tuple(self.streams), shape=tuple(shape), steps=steps)
+            x, eps = self.compiler("noise", random.stage_noise, static, keys, report=False)
         else:
-            eps = given("step_noise", step_noise, (steps, n, *shape))
+            keys = random.image_keys(seed, n) if latents is None or step_noise is None else None
+            x = random.draw(keys, self.streams[0], shape) if latents is None else given("latents", latents, (n, *shape))
+            if step_noise is None:
+                eps = random.step_noise(keys, self.streams[1], steps, shape)
+            else:
+                eps = given("step_noise", step_noise, (steps, n, *shape))
         plan = self.plan
         batch = lambda tree: None if tree is None else jax.tree_util.tree_map(plan.batch, tree)  # noqa: E731
         grid = "×".join(map(str, shape[:-1]))
@@ -138,6 +147,14 @@ class StageRunner:
                 self.adapters(),
                 detail=detail,
             )
+
+
+def _kind(module: Any) -> str | None:
+    """The registry kind of a stage's module (None for a module the registry does not know)."""
+    try:
+        return registry.for_module(module).kind
+    except TypeError:
+        return None
 
 
 def decode_images(variables: Any, latents: jax.Array, *, module: Any) -> jax.Array:

@@ -3,7 +3,8 @@ memory figures, and the persistent compilation cache (on by default: `use_compil
 
 `CompileCache` belongs to a pipeline (the stages of one pipeline share it): it jits a function once, lowers and
 compiles it explicitly per (static arguments, input shapes and shardings) so compile time and run time are
-reported apart, and reuses the executable on later calls.
+reported apart, and reuses the executable on later calls. With the persistent cache on, a later process loads the
+executable an earlier one kept (`wurst_jax.warm`) without tracing the function again.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from wurst_jax import warm
 
 _PEAK = [0]  # the process-wide high-water mark of `device_memory_in_use` (CPU: no allocator statistics)
 
@@ -33,22 +36,30 @@ class CompileCache:
         self._jitted: dict[Any, Any] = {}
         self._executables: dict[Any, Any] = {}
 
-    def __call__(self, name: str, fn: Callable, static: dict[str, Any], *args: Any, detail: str = "") -> Any:
+    def __call__(
+        self, name: str, fn: Callable, static: dict[str, Any], *args: Any, detail: str = "", report: bool = True
+    ) -> Any:
         """`fn(*args, **static)` compiled (the first time for this shape) and run; `static` are hashable keyword
-        arguments (modules, samplers, flags) that select the program."""
+        arguments (modules, samplers, flags) that select the program. `report=False`: no progress lines (small
+        helper programs such as a stage's noise)."""
         jitted = self._jitted.setdefault(fn, jax.jit(fn, static_argnames=tuple(static)))
         key = (name, fn, tuple(sorted(static.items())), _signature(args))
         exe = self._executables.get(key)
         if exe is None:
             t0 = time.perf_counter()
-            exe = self._executables[key] = jitted.lower(*args, **static).compile()
-            if self.progress:
-                say(f"{name}: compiled in {time.perf_counter() - t0:.2f} s" + (f" ({detail})" if detail else ""))
+            exe = warm.load_executable(name, fn, static, args)  # kept by an earlier process: no tracing
+            kept = exe is not None
+            if not kept:
+                exe = warm.compile_and_keep(name, fn, static, args, lambda: jitted.lower(*args, **static).compile())
+            self._executables[key] = exe
+            if self.progress and report:
+                how = ", ".join(([detail] if detail else []) + (["kept from an earlier run"] if kept else []))
+                say(f"{name}: compiled in {time.perf_counter() - t0:.2f} s" + (f" ({how})" if how else ""))
         t0 = time.perf_counter()
         out = jax.block_until_ready(exe(*args))
         in_use = device_memory_in_use()
         _PEAK[0] = max(_PEAK[0], in_use)
-        if self.progress:
+        if self.progress and report:
             what = f"{name}: {detail + ': ' if detail else ''}"
             say(f"{what}ran in {time.perf_counter() - t0:.2f} s, {in_use / 2**20:.0f} MiB in use")
         return out

@@ -9,6 +9,7 @@ padding / truncation, `decode`, `batch_decode`, the special-token ids, `model_ma
 
 from __future__ import annotations
 
+import hashlib
 import json
 import types
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+_BUILT: dict[bytes, ClipTokenizer] = {}  # sha256 of a folder's files → its tokenizer (see `load_tokenizer`)
 SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
@@ -87,9 +89,15 @@ class ClipTokenizer:
         return [self.decode(r, skip_special_tokens) for r in rows]
 
 
-def _clip_backend(folder: Path, config: dict) -> Any:
+def _clip_backend(folder: Path, config: dict, source: str) -> Any:
     from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import BPE
+
+    if source == "tokenizer.json":
+        backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        backend.no_padding()  # padding and truncation are `ClipTokenizer.__call__`'s, per call
+        backend.no_truncation()
+        return backend
 
     vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
     lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
@@ -119,15 +127,15 @@ def load_tokenizer(folder: str | Path) -> Any:
     config = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
     cls = config.get("tokenizer_class", "CLIPTokenizer")
     if cls in ("CLIPTokenizer", "CLIPTokenizerFast"):
-        if (folder / "tokenizer.json").is_file():
-            from tokenizers import Tokenizer
-
-            backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
-            backend.no_padding()  # padding and truncation are `ClipTokenizer.__call__`'s, per call
-            backend.no_truncation()
-            return ClipTokenizer(backend, config)
-        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            return ClipTokenizer(_clip_backend(folder, config), config)
+        files = [folder / "tokenizer.json"] if (folder / "tokenizer.json").is_file() else []
+        if not files and (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            files = [folder / "vocab.json", folder / "merges.txt"]
+        if files:  # a prior and a decoder folder usually hold the same files: built once per process
+            key = hashlib.sha256(b"\0".join(f.name.encode() + b"\0" + f.read_bytes() for f in files))
+            key.update(json.dumps(config, sort_keys=True).encode())
+            if key.digest() not in _BUILT:
+                _BUILT[key.digest()] = ClipTokenizer(_clip_backend(folder, config, files[0].name), config)
+            return _BUILT[key.digest()]
     from transformers import AutoTokenizer  # another tokenizer: transformers knows it
 
     return AutoTokenizer.from_pretrained(str(folder))

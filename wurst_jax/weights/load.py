@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from wurst_jax import warm
 from wurst_jax.dtypes import is_float
 from wurst_jax.models import abstract_variables, registry
 from wurst_jax.sharding import ShardingPlan
@@ -91,7 +92,7 @@ def module_from_source(source: Source, plan: ShardingPlan, dtype: Any, param_dty
 def _target(module: nn.Module, config_name: str, plan: ShardingPlan) -> tuple[Any, Any]:
     """The abstract variables of `module` and, with a mesh, their NamedShardings (else None)."""
     try:
-        boxed = abstract_variables(module, boxed=True)
+        boxed = warm.abstract_variables(module)  # traced once, then kept in the persistent cache folder
     except Exception as e:  # a config that passes the dataclass checks but cannot build the network
         raise WeightsError(f"{config_name}: this {type(module.config).__name__} cannot build a model: {e!r}") from None
     heads = registry.for_module(module).heads(module.config)
