@@ -31,7 +31,8 @@ from wurst_jax.pipelines.components import Component
 
 CONFIGS = ("sc", "sc-lite", "sc-tiny")
 DEFAULT_RES = {"sc": 1024, "sc-lite": 1024, "sc-tiny": 256}
-PRIOR_STEPS, PRIOR_GUIDANCE, DECODER_STEPS, DECODER_GUIDANCE = 20, 4.0, 10, 0.0
+PRIOR_GUIDANCE, DECODER_GUIDANCE = 4.0, 0.0
+STEPS = (20, 10)  # prior, decoder: diffusers' StableCascade defaults (`--steps` overrides)
 TEXT_ENCODER = {
     "sc": "random CLIP ViT-bigG with projection (stage C's 1280-wide states + pooled; the released encoder)",
     "sc-lite": "random CLIP ViT-bigG with projection (stage C lite reads the same 1280-wide states + pooled)",
@@ -79,20 +80,20 @@ def make_pipeline(cfg: dict, mods: dict, var: dict, tokenizer) -> wj.StableCasca
 PROMPT = "a photo of a cat"
 
 
-def generate(pipe, batch: int, res: int) -> np.ndarray:
-    kw = dict(prior_num_inference_steps=PRIOR_STEPS, prior_guidance_scale=PRIOR_GUIDANCE, seed=0, height=res)
-    kw.update(width=res, num_inference_steps=DECODER_STEPS, decoder_guidance_scale=DECODER_GUIDANCE)
+def generate(pipe, batch: int, res: int, steps: tuple[int, int] = STEPS) -> np.ndarray:
+    kw = dict(prior_num_inference_steps=steps[0], prior_guidance_scale=PRIOR_GUIDANCE, seed=0, height=res)
+    kw.update(width=res, num_inference_steps=steps[1], decoder_guidance_scale=DECODER_GUIDANCE)
     return pipe(PROMPT, output_type="np", num_images_per_prompt=batch, **kw).images
 
 
-def stages_once(pipe, batch: int, res: int) -> tuple[dict, np.ndarray]:
+def stages_once(pipe, batch: int, res: int, steps: tuple[int, int] = STEPS) -> tuple[dict, np.ndarray]:
     """The prior pipeline call, then the decoder pipeline call on its latents (each synchronised on its output)."""
     t0 = time.perf_counter()
     kw = dict(num_images_per_prompt=batch, seed=0, height=res, width=res)
-    emb = pipe.prior_pipe(PROMPT, num_inference_steps=PRIOR_STEPS, guidance_scale=PRIOR_GUIDANCE, **kw)
+    emb = pipe.prior_pipe(PROMPT, num_inference_steps=steps[0], guidance_scale=PRIOR_GUIDANCE, **kw)
     emb = jax.block_until_ready(emb.image_embeddings)
     t1 = time.perf_counter()
-    img = pipe.decoder_pipe(emb, PROMPT, DECODER_STEPS, guidance_scale=DECODER_GUIDANCE, seed=0, output_type="np")
+    img = pipe.decoder_pipe(emb, PROMPT, steps[1], guidance_scale=DECODER_GUIDANCE, seed=0, output_type="np")
     img = np.asarray(img.images)
     return dict(text=None, prior=t1 - t0, decoder=time.perf_counter() - t1, vqgan=None), img
 
@@ -104,19 +105,20 @@ def child(a, gb) -> dict:
     mods = build_modules(cfg, {"bf16": jnp.bfloat16, "f32": jnp.float32}[a.dtype])
     var = jax.block_until_ready({k: gb.init_variables(m, i) for i, (k, m) in enumerate(mods.items())})
     init_s = time.time() - t_imported
+    steps = tuple(a.steps or STEPS)
     pipe = make_pipeline(cfg, mods, var, gb.FakeTokenizer(cfg["text"].vocab_size))
     if a.child == "warm":
-        finite = bool(np.isfinite(generate(pipe, batch, a.res)).all())
+        finite = bool(np.isfinite(generate(pipe, batch, a.res, steps)).all())
         return dict(ready_at=time.time(), imports_done_at=t_imported, init_s=init_s, finite=finite, **gb.memory())
-    first = gb.timed(generate, pipe, batch, a.res)  # compiles every stage
-    runs = [stages_once(pipe, batch, a.res) for _ in range(a.reps)]
-    pipe_s = [gb.timed(generate, pipe, batch, a.res) for _ in range(a.reps)]
+    first = gb.timed(generate, pipe, batch, a.res, steps)  # compiles every stage
+    runs = [stages_once(pipe, batch, a.res, steps) for _ in range(a.reps)]
+    pipe_s = [gb.timed(generate, pipe, batch, a.res, steps) for _ in range(a.reps)]
     img, dev = runs[-1][1], jax.devices()[0]
     out = dict(device=dev.device_kind, platform=dev.platform, compile_s=first - statistics.median(pipe_s))
     stage_s = {s: None if runs[0][0][s] is None else statistics.median(r[0][s] for r in runs) for s in gb.STAGES}
     out.update(stage_s=stage_s, first_call_s=first, init_s=init_s, pipeline_s=statistics.median(pipe_s))
     out.update(pipeline_first_call_s=first, flops_per_image=None, text_encoder=TEXT_ENCODER[a.config])
-    out.update(steps=dict(prior=PRIOR_STEPS, prior_guidance=PRIOR_GUIDANCE, decoder=DECODER_STEPS))
+    out.update(steps=dict(prior=steps[0], prior_guidance=PRIOR_GUIDANCE, decoder=steps[1]))
     out.update(finite=bool(np.isfinite(img).all()), image_shape=list(img.shape), **gb.memory())
     out.update(params={k: sum(x.size for x in jax.tree_util.tree_leaves(v)) for k, v in var.items()})
     return out

@@ -312,6 +312,7 @@ def child(a) -> dict:
 def spawn(a, batch: int, mode: str, cache_dir: str) -> tuple[dict, float]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--cache-dir", cache_dir]
     cmd += ["--config", a.config, "--batch", str(batch), "--res", str(a.res), "--dtype", a.dtype, "--reps", str(a.reps)]
+    cmd += ["--steps", *map(str, a.steps)] if a.steps else []
     t0 = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith(MARK)]
@@ -452,6 +453,7 @@ def main(argv=None):
     ap.add_argument("--res", type=int, default=None, help="pixels per side (default: v2 1024, small 512, tiny 128)")
     ap.add_argument("--dtype", choices=["bf16", "f32"], default="bf16")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--steps", type=int, nargs=2, default=None, help="sc configs: prior, decoder steps (default 20 10)")
     ap.add_argument("--reference", choices=["none", "eager", "compile", "both"], default="none")
     ap.add_argument("--reference-script", default=str(ROOT.parent / "shared/bench/diffusers_reference.py"))
     ap.add_argument("--skip-jax", action="store_true", help="only the diffusers reference rows")
