@@ -1,6 +1,7 @@
 """Text-to-image benchmark: wurst_jax (random weights made on the device) against diffusers eager / torch.compile.
 
 Usage (repo root):  python benchmarks/generate_benchmark.py --config v2 --batch 1 4 8 --reference both
+(`--config sc | sc-lite | sc-tiny`: Stable Cascade, see bench_cascade.py; the rest of this text is about v2.)
 Per batch size a fresh child process builds the five models from the configs with random weights (no checkpoint,
 no torch) and times each stage, median over `--reps` after a warm-up call: text (CLIP bigG on [2B, 77] + CLIP H on
 [B, 77], as the reference script), prior (29 steps of DEFAULT_STAGE_C_TIMESTEPS, CFG 4.0), decoder (12 steps, no
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import math
 import os
@@ -35,15 +35,16 @@ import tempfile
 import time
 import types
 import zlib
-from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # runs from a checkout without an install (e.g. on the lent GPU)
 
+import bench_cascade as bc  # noqa: E402  (the Stable Cascade configs)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from bench_common import append_results_md, utc_now, versions  # noqa: E402, F401  (also used as gb.*)
 
 import wurst_jax as wj  # noqa: E402
 from wurst_jax.models import WuerstchenDiffNeXt, WuerstchenPrior, abstract_variables  # noqa: E402
@@ -90,7 +91,7 @@ def configs(name: str) -> dict:
     raise ValueError(f"unknown config {name!r}")
 
 
-DEFAULT_RES = {"v2": 1024, "small": 512, "tiny": 128}
+DEFAULT_RES = {"v2": 1024, "small": 512, "tiny": 128, **bc.DEFAULT_RES}
 
 
 class FakeTokenizer:
@@ -277,6 +278,8 @@ def memory() -> dict:
 
 def child(a) -> dict:
     """One batch size in this fresh process: `measure` times the stages and the pipeline, `warm` one pipeline call."""
+    if a.config in bc.CONFIGS:  # Stable Cascade: timed through its pipelines (bench_cascade.py)
+        return bc.child(a, sys.modules[__name__])
     wj.enable_compilation_cache(a.cache_dir)
     t_imported, batch, cfg = time.time(), a.batch[0], configs(a.config)
     mods = build_modules(cfg, {"bf16": jnp.bfloat16, "f32": jnp.float32}[a.dtype])
@@ -309,6 +312,7 @@ def child(a) -> dict:
 def spawn(a, batch: int, mode: str, cache_dir: str) -> tuple[dict, float]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--cache-dir", cache_dir]
     cmd += ["--config", a.config, "--batch", str(batch), "--res", str(a.res), "--dtype", a.dtype, "--reps", str(a.reps)]
+    cmd += ["--steps", *map(str, a.steps)] if a.steps else []
     t0 = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith(MARK)]
@@ -322,7 +326,7 @@ def jax_row(a, batch: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="wurst_jax_cache_") as cache:
         m, _ = spawn(a, batch, "measure", cache)
         w, t0 = (None, None) if a.no_warm_start else spawn(a, batch, "warm", cache)
-    total = sum(m["stage_s"].values())
+    total = sum(t for t in m["stage_s"].values() if t is not None)  # Stable Cascade: text, vqgan null
     row = dict(implementation="wurst_jax", device=m.pop("device"), batch=batch, resolution=a.res)
     row.update(img_per_s=batch / total, seconds_per_batch=total, compile_s=m.pop("compile_s"))
     row.update(warm_start_s=None if w is None else w["ready_at"] - t0, peak_mem_bytes=m.pop("peak_mem_bytes"), **m)
@@ -348,6 +352,8 @@ def reference_rows(a) -> tuple[list[dict], list[str]]:
     script = Path(a.reference_script)
     if not modes:
         return [], ["diffusers reference not run (--reference none)"]
+    if a.config in bc.CONFIGS:
+        return [], ["diffusers reference skipped: no StableCascadeCombinedPipeline reference script yet"]
     if a.config != "v2":
         return [], ["diffusers reference skipped: its script builds the full-size v2 models only (--config v2)"]
     if not script.is_file():
@@ -372,20 +378,6 @@ def reference_rows(a) -> tuple[list[dict], list[str]]:
             row.update(stage_s={s: med[s] for s in STAGES}, finite=got["finite"], params=info.get("params"))
             rows.append(row)
     return rows, notes
-
-
-def versions() -> dict:
-    out = {"python": sys.version.split()[0]}
-    for name in ("jax", "jaxlib", "flax", "torch", "diffusers", "transformers"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def utc_now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def device_peak(device_kind: str | None, table: dict = SPEC_PEAK, override_tflops: float | None = None):
@@ -454,22 +446,14 @@ def markdown(a, rows: list[dict], notes: list[str]) -> str:
     return "\n".join(lines)
 
 
-def append_results_md(out_dir: str | Path, text: str) -> None:
-    """Append a section to `<out_dir>/RESULTS.md`, creating the file with a title if needed."""
-    md = Path(out_dir) / "RESULTS.md"
-    md.parent.mkdir(parents=True, exist_ok=True)
-    title = "" if md.is_file() else "# Benchmark results\n\nSections appended by the scripts in `benchmarks/`.\n"
-    with md.open("a") as f:
-        f.write(title + "\n" + text)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", choices=["v2", "small", "tiny"], default="v2")
+    ap.add_argument("--config", choices=["v2", "small", "tiny", *bc.CONFIGS], default="v2")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--res", type=int, default=None, help="pixels per side (default: v2 1024, small 512, tiny 128)")
     ap.add_argument("--dtype", choices=["bf16", "f32"], default="bf16")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--steps", type=int, nargs=2, default=None, help="sc configs: prior, decoder steps (default 20 10)")
     ap.add_argument("--reference", choices=["none", "eager", "compile", "both"], default="none")
     ap.add_argument("--reference-script", default=str(ROOT.parent / "shared/bench/diffusers_reference.py"))
     ap.add_argument("--skip-jax", action="store_true", help="only the diffusers reference rows")
@@ -486,6 +470,7 @@ def main(argv=None):
         return
     rows = [] if a.skip_jax else [jax_row(a, b) for b in sorted(a.batch)]
     refs, notes = reference_rows(a)
+    notes += [bc.NOTE] if a.config in bc.CONFIGS else []
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = finish_rows(a, rows + refs, out)

@@ -15,7 +15,9 @@ by its time limit keeps what it got; `--budget-s` stops starting new work so the
  4. `cold` and `steady` batch 4 (a fresh process).
  5. diffusers eager batch 1 and 4 (`benchmarks/diffusers_reference.py` in its own process per batch), or one row
     saying why it could not run (no torch with CUDA, no diffusers).
- 6. with the time left: `cold` and `steady` batch 1 with no block scanned and with the decoder's scanned too (rows
+ 6. Stable Cascade (`--sc-config`, default `sc`: stage C + B + VQGAN at 1024², 20 + 10 steps) batch 1, one
+    `cascade` row (generate_benchmark's sc child: warm-up call → `compile_s`, then prior / decoder pipeline calls).
+ 7. with the time left: `cold` and `steady` batch 1 with no block scanned and with the decoder's scanned too (rows
     carry `scan_blocks`: `default` = the pipelines' choice, the prior's triples scanned; `none`; `all`).
 Every row carries device, date, the jax/jaxlib/flax/torch/diffusers versions, config, batch, resolution and dtype.
 The stage functions and helpers are `generate_benchmark.py`'s (the pipelines' own `run_loop`, one jit per stage).
@@ -93,6 +95,16 @@ def child(a) -> None:
 
     import wurst_jax as wj
 
+    if a.config in gb.bc.CONFIGS:  # Stable Cascade: generate_benchmark's child (pipeline calls, bench_cascade.py)
+        a.batch, a.steps, a.child = [a.batch], None, "measure"
+        m = gb.bc.child(a, gb)
+        total = m["stage_s"]["prior"] + m["stage_s"]["decoder"]
+        emit(
+            dict(
+                m, row="cascade", seconds_per_batch=total, s_per_image=total / a.batch[0], img_per_s=a.batch[0] / total
+            )
+        )
+        return
     wj.enable_compilation_cache(a.cache_dir)
     t_imported, cfg = time.time(), gb.configs(a.config)
     mods = gb.build_modules(cfg, {"bf16": jnp.bfloat16, "f32": jnp.float32}[a.dtype])
@@ -183,6 +195,16 @@ class Suite:
         cmd += ["--scan-blocks", scan] + ["--pipeline"] * (mode == "measure" and batch == 1 and scan == a.scan_blocks)
         return self.stream(cmd, dict(implementation="wurst_jax", batch=batch, dtype=a.dtype))
 
+    def cascade(self, batch: int) -> list[dict]:
+        """Stable Cascade (`--sc-config`) at its default resolution: compile (warm-up call) and steady rows in one."""
+        a, res = self.a, gb.DEFAULT_RES[self.a.sc_config]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "measure", "--cache-dir", str(self.cache)]
+        cmd += ["--config", a.sc_config, "--batch", str(batch), "--res", str(res), "--dtype", a.dtype]
+        cmd += ["--reps", str(a.reps)]
+        return self.stream(
+            cmd, dict(implementation="wurst_jax", batch=batch, dtype=a.dtype, config=a.sc_config, resolution=res)
+        )
+
     def reference(self, batch: int) -> list[dict]:
         what = dict(implementation="diffusers-eager", batch=batch, dtype="bf16", row="steady")
         script = Path(self.a.reference_script)
@@ -205,6 +227,8 @@ class Suite:
         self.jax(4, "measure")
         self.reference(1)
         self.reference(4)
+        if self.a.sc_config != "none" and not self.a.short:  # after every v2 row: Stable Cascade, batch 1
+            self.cascade(1)
         if self.a.scan_blocks == "default" and not self.a.short:  # what time is left: the other scan choices, b1
             self.jax(1, "measure", "none")
             self.jax(1, "measure", "all")
@@ -230,7 +254,9 @@ def wrap_reference(cmd: list[str]) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--short", action="store_true", help="tiny config at 128², f32, 1 rep: a CPU check in seconds")
-    ap.add_argument("--config", choices=["v2", "small", "tiny"], default=None, help="default v2 (--short: tiny)")
+    ap.add_argument(
+        "--config", choices=["v2", "small", "tiny", *gb.bc.CONFIGS], default=None, help="default v2 (--short: tiny)"
+    )
     ap.add_argument("--res", type=int, default=None, help="pixels per side (default: v2 1024, small 512, tiny 128)")
     ap.add_argument("--dtype", choices=["bf16", "f32"], default=None, help="default bf16 (--short: f32)")
     ap.add_argument("--reps", type=int, default=None, help="timed calls after the cold one (default 3, --short 1)")
@@ -239,6 +265,9 @@ def main(argv=None):
         choices=["default", "all", "none"],
         default="default",
         help="repeated blocks as one lax.scan: the pipelines' default (prior only), prior and decoder, or none",
+    )
+    ap.add_argument(
+        "--sc-config", choices=[*gb.bc.CONFIGS, "none"], default="sc", help="Stable Cascade row (not --short)"
     )
     ap.add_argument("--budget-s", type=float, default=570.0, help="start no work after this many seconds")
     ap.add_argument("--reference-script", default=str(ROOT / "benchmarks" / "diffusers_reference.py"))

@@ -117,3 +117,20 @@ def test_device_init_matches_the_abstract_tree():
         got = jax.tree_util.tree_leaves_with_path(variables)
         assert [(p, x.shape, x.dtype) for p, x in got] == [(p, x.shape, x.dtype) for p, x in want], name
         assert all(np.isfinite(np.asarray(x, np.float32)).all() for _, x in got)
+
+
+def test_generate_benchmark_sc_tiny(tmp_path):
+    """Stable Cascade from random weights through its pipelines: one row with the prior / decoder figures."""
+    args = ("--config", "sc-tiny", "--batch", "1", "--res", "128", "--dtype", "f32", "--steps", "2", "1")
+    stdout = run_script("generate_benchmark.py", *args, "--reps", "1", "--no-warm-start", "--out-dir", str(tmp_path))
+    [r] = read_jsonl(tmp_path / "results.jsonl")
+    assert REQUIRED <= r.keys() and r["config"] == "sc-tiny" and r["resolution"] == 128 and r["batch"] == 1
+    assert r["stage_s"]["text"] is None and r["stage_s"]["vqgan"] is None  # inside the pipeline calls
+    assert r["stage_s"]["prior"] > 0 and r["stage_s"]["decoder"] > 0 and r["compile_s"] > 0
+    assert r["seconds_per_batch"] == pytest.approx(r["stage_s"]["prior"] + r["stage_s"]["decoder"])
+    assert r["steps"] == {"prior": 2, "prior_guidance": 4.0, "decoder": 1} and "width 12" in r["text_encoder"]
+    assert r["finite"] and r["image_shape"] == [1, 128, 128, 3] and r["params"]["prior"] > 0
+    assert "no StableCascadeCombinedPipeline reference" not in stdout  # --reference none: not even tried
+    assert (
+        "| wurst_jax | 1 |" in (tmp_path / "RESULTS.md").read_text() and "Stable Cascade (bench_cascade.py)" in stdout
+    )
