@@ -204,3 +204,32 @@ def tiny_checkpoints(tmp_path_factory):
     combined = WuerstchenCombinedPipeline(tok, te_dec, decoder, s, vqgan, tok, te_prior, prior, s)
     combined.set_progress_bar_config(disable=True)
     return root / "wuerstchen", root / "wuerstchen-prior", combined
+
+
+# ---------------------------------------------------------------- xdist balance
+
+# The files holding the longest tests (CI's --durations), run first. `pytest -n 2` hands tests out in collection
+# order, so a minute-long test collected near the end keeps one worker busy while the other has nothing left; whole
+# files move, so module-scoped fixtures are still built once per worker.
+SLOW_FILES_FIRST = (
+    "test_train_cli.py",
+    "test_repeats.py",
+    "test_train_benchmark.py",
+    "test_train.py",
+    "test_batch_generate.py",
+    "test_benchmarks.py",
+    "test_controlnet.py",
+    "test_finetune.py",
+    "test_cli.py",
+    "test_cascade_unet.py",
+    "test_sharding.py",
+    "test_samplers.py",
+    "test_controlnet_pipeline.py",
+    "test_gpu_suite.py",
+    "test_cascade_pipeline.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

@@ -38,8 +38,16 @@ def model(stage: str, **options):
     return wj.WuerstchenPrior(PRIOR, **options) if stage == "prior" else wj.WuerstchenDiffNeXt(DECODER, **options)
 
 
-def loss(stage, module, params, **kw):
-    return jnp.mean(jnp.square(module.apply({"params": params}, *inputs(stage), **kw)))
+def output_and_grad(stage, module, params):
+    """The deterministic output and the gradients of its mean square, from one compiled program (one compile, not
+    one for the output and another for the gradients)."""
+
+    def f(p):
+        out = module.apply({"params": p}, *inputs(stage))
+        return jnp.mean(jnp.square(out)), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+    return out, grads
 
 
 @functools.cache
@@ -50,9 +58,7 @@ def reference(stage: str):
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     params = treedef.unflatten([0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)])
-    plain = model(stage)
-    want = jax.jit(plain.apply)({"params": params}, *inputs(stage))
-    return params, want, jax.jit(jax.grad(lambda p: loss(stage, plain, p)))(params)
+    return params, *output_and_grad(stage, model(stage), params)
 
 
 @pytest.mark.parametrize("stage", ["prior", "decoder"])
@@ -62,9 +68,8 @@ def test_same_tree_function_and_gradients(stage, options):
     module = model(stage, **options)
     same_tree = jax.tree_util.tree_structure(abstract_variables(model(stage)))
     assert jax.tree_util.tree_structure(abstract_variables(module)) == same_tree
-    got = jax.jit(module.apply)({"params": params}, *inputs(stage))
+    got, g_got = output_and_grad(stage, module, params)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
-    g_got = jax.jit(jax.grad(lambda p: loss(stage, module, p)))(params)
     scale = max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(g_want))  # to_k's bias: exactly 0
     pairs = zip(jax.tree_util.tree_leaves_with_path(g_want), jax.tree_util.tree_leaves(g_got), strict=True)
     for (path, want_g), got_g in pairs:
@@ -75,14 +80,15 @@ def test_same_tree_function_and_gradients(stage, options):
 def test_dropout_uses_the_dropout_stream(stage, options):
     params, clean, _ = reference(stage)
     module = model(stage, **options)
-    run = jax.jit(
-        lambda key: module.apply({"params": params}, *inputs(stage), deterministic=False, rngs={"dropout": key})
-    )
-    a, b, again = run(jax.random.key(1)), run(jax.random.key(2)), run(jax.random.key(1))
+
+    def f(p, key):  # the output and (below) its gradients from one compiled program
+        out = module.apply({"params": p}, *inputs(stage), deterministic=False, rngs={"dropout": key})
+        return jnp.mean(jnp.square(out)), out
+
+    run = jax.jit(jax.value_and_grad(f, has_aux=True))
+    ((_, a), grads), ((_, b), _), ((_, again), _) = (run(params, jax.random.key(k)) for k in (1, 2, 1))
     assert np.isfinite(a).all() and not np.allclose(a, b) and not np.allclose(a, clean)
     np.testing.assert_array_equal(a, again)  # a function of the key alone
-    key = jax.random.key(3)
-    grads = jax.jit(jax.grad(lambda p: loss(stage, module, p, deterministic=False, rngs={"dropout": key})))(params)
     assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
 
 

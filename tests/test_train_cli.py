@@ -8,16 +8,34 @@ from PIL import Image
 
 from wurst_jax.cli import main
 
+# The smallest architecture the recipe builds (as tests/test_train.py's TINY, with the CLI's real tokenizer): these
+# tests check the CLI's stages, resume, stop and export, none of which depends on the model's size; three semantic
+# stages keep `resolution_multiple` 8.
+MODEL = {
+    "semantic_widths": [8, 8, 8],
+    "stage_a": {"bottleneck_blocks": 1, "embed_dim": 16, "num_vq_embeddings": 32},
+    "stage_b": {
+        "c_hidden": [8, 16, 16],
+        "nhead": [-1, 2, 2],
+        "blocks": [1, 1, 1],
+        "c_cond": 16,
+        "clip_embd": 16,
+        "patch_size": 1,
+    },
+    "stage_c": {"c": 32, "c_cond": 16, "c_r": 16, "depth": 1, "nhead": 2},
+    "text": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
+}
+
 
 def test_train_resume_export_generate(tmp_path, capsys):
     config = tmp_path / "run.json"
     run = {
         "out": str(tmp_path / "run"),
-        "size": 64,
+        "size": 32,
         "batch_size": 2,
         "log_every": 1,
         "ckpt_every": 1,
-        "model": {"semantic_widths": [16, 16, 16], "stage_b": {"patch_size": 1}, "stage_c": {"depth": 1}},
+        "model": MODEL,
         "a": {"steps": 2},
         "b": {"steps": 1},
         "c": {"steps": 1, "data_workers": 1},
@@ -51,7 +69,7 @@ def test_train_resume_export_generate(tmp_path, capsys):
     ]
     assert main(args) == 0
     with Image.open(out) as img:
-        assert img.size == (64, 64)  # the model's own size, from its model_index.json
+        assert img.size == (32, 32)  # the model's own size, from its model_index.json
     index = json.loads((export / "wuerstchen-prior" / "model_index.json").read_text())
     assert index["resolution_multiple"] == 8.0  # three stride-2 stages in the semantic encoder
     prior = json.loads((export / "wuerstchen-prior" / "prior" / "config.json").read_text())
@@ -81,7 +99,8 @@ def test_train_model_section_errors(tmp_path, capsys):
 
 def test_max_seconds_stops_saves_and_a_second_run_continues(tmp_path, capsys):
     config, out = tmp_path / "run.json", tmp_path / "run"
-    run = {"out": str(out), "size": 64, "batch_size": 2, "log_every": 10, "ckpt_every": 10, "a": {"steps": 3}}
+    run = {"out": str(out), "size": 32, "model": MODEL, "batch_size": 2, "log_every": 10, "ckpt_every": 10}
+    run["a"] = {"steps": 3}
     config.write_text(json.dumps({**run, "max_seconds": 0}))  # stops after its first step
     assert main(["train", "--stage", "a", "--config", str(config)]) == 0
     assert "stage a: stopped at step 1 of 3" in capsys.readouterr().out
