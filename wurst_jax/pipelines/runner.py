@@ -31,6 +31,8 @@ from wurst_jax.samplers import Sampler, denoise_loop, guided
 from wurst_jax.sharding import ShardingPlan
 
 SCAN_BLOCKS = {"prior": True}  # stage name -> inference default (others: unrolled); see the module docstring
+# run_loop's positional arguments: the batch axis of each (None: replicated), for `ShardingPlan.per_device`
+LOOP_AXES = (None, 0, None, 1, 0, 0, None, 0, None)
 ModelFn = Callable[[Any, Any, jax.Array, jax.Array, dict], jax.Array]  # (module, variables, x, r, conditioning)
 
 
@@ -125,7 +127,7 @@ class StageRunner:
         with self.component.on_device() as variables:
             return self.compiler(
                 self.name,
-                run_loop,
+                plan.per_device(run_loop, LOOP_AXES),
                 static,
                 variables,
                 plan.batch(x),
