@@ -124,10 +124,12 @@ class StageRunner:
         grid = "×".join(map(str, shape[:-1]))
         detail = f"{steps} steps × {n} images{' + CFG' if uncond is not None else ''}, latent {grid}"
         static = {"module": self.module, "model_fn": self.model_fn, "sampler": self.sampler}
+        # streamed blocks move between memory spaces inside the loop, which XLA places for the whole program
+        streamed = getattr(self.component, "streams", False)
         with self.component.on_device() as variables:
             return self.compiler(
                 self.name,
-                plan.per_device(run_loop, LOOP_AXES),
+                run_loop if streamed else plan.per_device(run_loop, LOOP_AXES),
                 static,
                 variables,
                 plan.batch(x),
