@@ -18,6 +18,7 @@ shards, and results come back through `multihost_utils.process_allgather`.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -186,6 +187,15 @@ class ShardingPlan:
         spec[axis] = DATA
         return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, PartitionSpec(*spec)), lambda i: x[i])
 
+    def per_device(self, fn: Callable, axes: tuple[int | None, ...]) -> Callable:
+        """`fn` as each device runs it: in "dp" mode on a mesh, `fn` under `jax.shard_map`, every device running the
+        one-device program on its own slice of the batch (`axes`: each positional argument's batch axis, None for
+        replicated ones; outputs split on axis 0), with no collective inside; else `fn` itself (one device, or
+        fsdp/tp, which XLA partitions). Same function object for the same arguments (compiled once)."""
+        if self.mesh is None or self.mode != "dp":
+            return fn
+        return _per_device(fn, self.mesh, tuple(axes))
+
     def replicated(self, x: Any) -> jax.Array:
         if self.mesh is None:
             return _to_device(x)
@@ -206,3 +216,18 @@ def _to_device(x: Any) -> jax.Array:
     if isinstance(x, jax.Array):
         return x
     return jax.device_put(np.asarray(x))
+
+
+@functools.cache
+def _per_device(fn: Callable, mesh: Mesh, axes: tuple[int | None, ...]) -> Callable:
+    # XLA compiles a batch split over "data" by partitioning the whole-batch program, which may fuse and tile the
+    # per-device work differently from the one-device program (images then differ by rounding); under shard_map
+    # each device compiles exactly `fn` at its local batch, so a dp run equals the one-device run at that batch
+    specs = tuple(PartitionSpec() if a is None else PartitionSpec(*[None] * a, DATA) for a in axes)
+
+    @functools.wraps(fn)
+    def local(*args: Any, **static: Any) -> Any:
+        body = functools.partial(fn, **static)
+        return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(DATA), check_vma=False)(*args)
+
+    return local

@@ -78,8 +78,9 @@ class ImageEncoder:
     def __call__(self, images: Any) -> np.ndarray:
         pixels = preprocess(images, config=self.processor)
         with self.encoder.on_device() as variables:
+            fn = self.plan.per_device(encode_images, (None, 0))
             out = self.compiler(
-                "image_encoder", encode_images, {"module": self.encoder.module}, variables, self.plan.batch(pixels)
+                "image_encoder", fn, {"module": self.encoder.module}, variables, self.plan.batch(pixels)
             )
         return self.plan.host(out)[: len(pixels)].astype(np.float32)
 

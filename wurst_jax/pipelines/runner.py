@@ -35,6 +35,8 @@ from wurst_jax.sharding import ShardingPlan
 
 # registry kind -> inference default (others: unrolled); see the module docstring
 SCAN_BLOCKS = {"prior": True, "decoder": False, "cascade_unet": True}
+# run_loop's positional arguments: the batch axis of each (None: replicated), for `ShardingPlan.per_device`
+LOOP_AXES = (None, 0, None, 1, 0, 0, None, 0, None)
 ModelFn = Callable[[Any, Any, jax.Array, jax.Array, dict], jax.Array]  # (module, variables, x, r, conditioning)
 
 
@@ -131,10 +133,12 @@ class StageRunner:
         grid = "×".join(map(str, shape[:-1]))
         detail = f"{steps} steps × {n} images{' + CFG' if uncond is not None else ''}, latent {grid}"
         static = {"module": self.module, "model_fn": self.model_fn, "sampler": self.sampler}
+        # streamed blocks move between memory spaces inside the loop, which XLA places for the whole program
+        streamed = getattr(self.component, "streams", False)
         with self.component.on_device() as variables:
             return self.compiler(
                 self.name,
-                run_loop,
+                run_loop if streamed else plan.per_device(run_loop, LOOP_AXES),
                 static,
                 variables,
                 plan.batch(x),

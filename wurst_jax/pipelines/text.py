@@ -49,12 +49,14 @@ class TextEncoder:
         ids, mask = tokenize(self.tokenizer, [strip_weights(p) for p in prompts])
         with self.encoder.on_device() as variables:
             outs = list(self._encode(variables, ids, mask))
-            if any(has_weights(p) for p in prompts):
-                rows = [tokenize_weighted(self.tokenizer, p) for p in prompts]
-                ids_w, mask_w, w = (np.stack(x) for x in zip(*rows, strict=True))
-                empty = self._encode(variables, *tokenize(self.tokenizer, [""] * len(prompts)))[weighted]
+            rows = [i for i, p in enumerate(prompts) if has_weights(p)]
+            if rows:  # only the weighted prompts' rows move: a plain prompt's states never depend on its batch
+                tokens = [tokenize_weighted(self.tokenizer, prompts[i]) for i in rows]
+                ids_w, mask_w, w = (np.stack(x) for x in zip(*tokens, strict=True))
+                empty = self._encode(variables, *tokenize(self.tokenizer, [""] * len(rows)))[weighted]
                 full = self._encode(variables, ids_w, mask_w)[weighted]
-                outs[weighted] = empty + w[..., None] * (full - empty)
+                outs[weighted] = outs[weighted].copy()
+                outs[weighted][rows] = empty + w[..., None] * (full - empty)
         return outs
 
     def _encode(self, variables: Any, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -68,7 +70,12 @@ class TextEncoder:
     def _encode_batch(self, variables: Any, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:
         plan = self.plan
         out = self.compiler(
-            "text_encoder", encode_text, {"module": self.encoder.module}, variables, plan.batch(ids), plan.batch(mask)
+            "text_encoder",
+            plan.per_device(encode_text, (None, 0, 0)),
+            {"module": self.encoder.module},
+            variables,
+            plan.batch(ids),
+            plan.batch(mask),
         )
         outs = out if isinstance(out, tuple) else (out,)
         return tuple(plan.host(x)[: len(ids)] for x in outs)

@@ -373,7 +373,9 @@ class WuerstchenDecoderPipeline:
         if output_type == "latent":
             return ImagePipelineOutput(self.plan.host(out)[:n])
         with self.vqgan.on_device() as variables:
-            images = self.compiler("vqgan", decode_images, {"module": self.vqgan.module}, variables, out)
+            images = self.compiler(
+                "vqgan", self.plan.per_device(decode_images, (None, 0)), {"module": self.vqgan.module}, variables, out
+            )
         images = self.plan.host(images)[:n]
         return ImagePipelineOutput(to_pil(images) if output_type == "pil" else images)
 
