@@ -146,8 +146,12 @@ class LoraMixin:
             t.fused = t.fused and bool(t.adapters)
             t.refresh()
 
+    def _lora_host(self) -> Any:
+        """The pipeline whose `text` (tokenizer + encoder) the adapters' train tokens go to."""
+        return self
+
     def _groups(self) -> list:
-        return self.__dict__.setdefault("_token_groups", [])
+        return self._lora_host().__dict__.setdefault("_token_groups", [])
 
     def _add_tokens(self, name: str, train_tokens: Any) -> tuple[int, int, int]:
         """Add `train_tokens`' new tokens for adapter `name` (tokenizer + init rows of the text encoder's base
@@ -160,9 +164,12 @@ class LoraMixin:
         target.restore()
         path = tokens.table_path(target.component.variables)
         table = np.asarray(jax.device_get(tokens.leaf(target.component.variables, path)))
-        tokenizer = self.text.tokenizer
+        host = self._lora_host()
+        tokenizer = host.text.tokenizer
+        if new and not hasattr(tokenizer, "backend"):
+            raise LoraError(f"train_tokens: need the project's CLIP tokenizer, not {type(tokenizer).__name__}")
         if not self._groups():
-            self._base_tokenizer, self._vocab = tokenizer, table.shape[0]
+            host._base_tokenizer, host._vocab = tokenizer, table.shape[0]
         size = tokenizer.backend.get_vocab_size(with_added_tokens=True) if new else table.shape[0]
         known = tokenizer.backend.get_vocab(with_added_tokens=True) if new else {}
         problems = [f"{t!r} is already a token" for t in dict.fromkeys(new) if t in known]
@@ -174,10 +181,11 @@ class LoraMixin:
             raise LoraError("train_tokens: " + "; ".join(problems))
         start = table.shape[0]
         if new:
+            grown = tokens.with_tokens(tokenizer, new)
             tokens.select_rows(target, path, np.arange(start), tokens.init_rows(tokenizer, table, pairs))
-            self.text.tokenizer = tokens.with_tokens(tokenizer, new)
+            host.text.tokenizer = grown
             self._groups().append(tokens.TokenGroup(name, tuple(new), start))
-        return (self._vocab, start, len(new))
+        return (host._vocab, start, len(new))
 
     def _drop_tokens(self, adapters: set) -> None:
         """Remove the added tokens of `adapters` (their rows, in the table and in every adapter's one-hot down);
@@ -185,10 +193,10 @@ class LoraMixin:
         groups = self._groups()
         if not any(g.adapter in adapters for g in groups):
             return
-        target = self._lora()["text_encoder"]
+        host, target = self._lora_host(), self._lora()["text_encoder"]
         target.restore()
-        keep, kept = [np.arange(self._vocab)], []
-        tokenizer = self._base_tokenizer
+        keep, kept = [np.arange(host._vocab)], []
+        tokenizer = host._base_tokenizer
         for g in groups:
             if g.adapter not in adapters:
                 keep.append(np.arange(g.start, g.start + len(g.strings)))
@@ -196,5 +204,5 @@ class LoraMixin:
                 tokenizer = tokens.with_tokens(tokenizer, list(g.strings))
         tokens.select_rows(target, tokens.table_path(target.component.variables), np.concatenate(keep))
         groups[:] = kept
-        self.text.tokenizer = tokenizer
+        host.text.tokenizer = tokenizer
         target.refresh()
