@@ -11,9 +11,9 @@ configs: `['.attn']`) in a parametrisation `W + (lora_up @ lora_down) · alpha /
   C's module order (down blocks, then up blocks; in an attention, `attn.out_proj` comes before `attn`'s in_proj,
   because the parametrisation module registered on `attn` is a child added after `out_proj`).
 - `embeddings.embeddings` [n, D], `embeddings.indices` [n]: `ReToken`, rows ADDED to the CLIP text encoder's token
-  embedding at those token ids (the original adds, it does not replace). Ids past the vocabulary are tokens the
-  original training appended (`[name]` / `<name>` train tokens, initialised from a regex the file does not hold);
-  those are rejected here.
+  embedding at those token ids (the original adds, it does not replace). Ids from the vocabulary on are tokens the
+  original training appended (`[name]` / `<name>` train tokens, initialised from a regex the file does not hold):
+  they need the train tokens (`tokens.py`, `load_lora_weights(..., train_tokens=...)`), which add them first.
 
 As adapters: each site's delta is `down @ up` in [in, out] (the 1 / rank folded into `up`; in_proj split into
 to_q / to_k / to_v, the project's names), and ReToken is a rank-n adapter of the embedding table (one-hot down
@@ -123,11 +123,17 @@ def _token_embedding(tree: Any) -> tuple[str, ...] | None:
 
 
 def from_state_dict(
-    tensors: dict[str, Any], targets: dict[str, Any], where: str = "LoRA", module_filters: Any = None
+    tensors: dict[str, Any],
+    targets: dict[str, Any],
+    where: str = "LoRA",
+    module_filters: Any = None,
+    added: tuple[int, int, int] | None = None,
 ) -> dict[str, Adapter]:
     """The adapters of an original Stable Cascade LoRA state dict: {"prior": ..., "text_encoder": ...} (the latter
     only with ReToken rows). `targets` are the pipeline's variable trees (or their shapes); every unknown, missing or
-    mis-shaped key is listed in one `LoraError` and nothing is returned."""
+    mis-shaped key is listed in one `LoraError` and nothing is returned. `added` = (the tokenizer's own vocabulary,
+    the table row this file's added tokens start at, their count): the file's ids vocab + k are row start + k (the
+    table in `targets` already has those rows); None: the table is the vocabulary, no added tokens."""
     from wurst_jax.lora.peft_format import LoraError
 
     filters = DEFAULT_FILTERS if module_filters is None else tuple(module_filters)
@@ -171,7 +177,7 @@ def from_state_dict(
         problems.append(f"missing {missing}: the prior has {len(found)} modules matching module_filters "
                         f"{list(filters)} (the filters of the training config)")  # fmt: skip
     adapters = {"prior": prior} if prior else {}
-    text = _retoken(tensors, targets.get("text_encoder"), problems)
+    text = _retoken(tensors, targets.get("text_encoder"), problems, added)
     if text:
         adapters["text_encoder"] = text
     for prefix, layers in adapters.items():
@@ -189,7 +195,7 @@ def _shape(tree: Any, path: tuple[str, ...]) -> tuple[int, ...]:
     return tuple(tree.shape)
 
 
-def _retoken(tensors: dict[str, Any], text: Any, problems: list[str]) -> Adapter:
+def _retoken(tensors: dict[str, Any], text: Any, problems: list[str], added: Any = None) -> Adapter:
     """ReToken's rows as a rank-n adapter of the token embedding table (empty when the file has no rows)."""
     if not any(k in tensors for k in _EMBEDDINGS):
         return {}
@@ -201,23 +207,34 @@ def _retoken(tensors: dict[str, Any], text: Any, problems: list[str]) -> Adapter
     if rows.ndim != 2 or rows.shape[0] != ids.shape[0]:
         problems.append(f"embeddings.embeddings {rows.shape} needs one row per embeddings.indices {ids.shape}")
         return {}
+    vocab0, _, n_new = added or (0, 0, 0)
+    if rows.shape[0] == 0 and n_new:
+        problems.append(f"embeddings.indices: no added-token ids but {n_new} train token(s) add ids from {vocab0} on")
     if rows.shape[0] == 0:
         return {}  # the original always saves a ReToken, empty without train_tokens
     path = None if text is None else _token_embedding(text)
     if path is None:
         problems.append("embeddings.embeddings: this pipeline has no CLIP text encoder token embedding to add to")
         return {}
-    vocab, dim = _shape(text, path)
+    table, dim = _shape(text, path)
+    vocab, start, n_new = added or (table, table, 0)
     ids = ids.astype(np.int64)
     if rows.shape[1] != dim:
-        problems.append(f"embeddings.embeddings {rows.shape}: the text encoder's token embedding is [{vocab}, {dim}]")
-    beyond = sorted(int(i) for i in ids if not 0 <= i < vocab)
-    if beyond:
-        problems.append(f"embeddings.indices {beyond}: past the text encoder's vocabulary ({vocab}); tokens the "
-                        f"original training added to its tokenizer are not supported")  # fmt: skip
-    if rows.shape[1] != dim or beyond:
+        problems.append(f"embeddings.embeddings {rows.shape}: the text encoder's token embedding is [{table}, {dim}]")
+    new = sorted({int(i) for i in ids if i >= vocab})
+    bad = sorted(int(i) for i in ids if i < 0)
+    if new and not n_new:
+        problems.append(f"embeddings.indices {new}: tokens the original training added to its tokenizer (ids "
+                        f"from the vocabulary, {vocab}, on): pass its train_tokens=['[name]', ...]")  # fmt: skip
+    elif new != list(range(vocab, vocab + n_new)):
+        problems.append(f"embeddings.indices: added-token ids {new} but {n_new} train token(s) add ids "
+                        f"{list(range(vocab, vocab + n_new))}")  # fmt: skip
+    if bad:
+        problems.append(f"embeddings.indices {bad}: negative token ids")
+    if rows.shape[1] != dim or bad or new != list(range(vocab, vocab + n_new)):
         return {}
-    down = np.zeros((vocab, len(ids)), np.float32)
+    ids = np.where(ids >= vocab, ids - vocab + start, ids)  # the file's added ids → this table's rows for them
+    down = np.zeros((table, len(ids)), np.float32)
     down[ids, np.arange(len(ids))] = 1.0  # a repeated id adds each of its rows, as the original's loop does
     return {"/".join(path): {"down": down, "up": rows}}
 

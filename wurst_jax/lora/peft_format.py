@@ -43,11 +43,13 @@ def lora_path(path: str | os.PathLike) -> Path:
     return p
 
 
-def read_lora_file(path: str | os.PathLike, targets: dict[str, Any], module_filters: Any = None) -> dict[str, Adapter]:
+def read_lora_file(
+    path: str | os.PathLike, targets: dict[str, Any], module_filters: Any = None, added: Any = None
+) -> dict[str, Adapter]:
     """The adapters in a diffusers/PEFT LoRA file, one per component prefix in `targets` (prefix → that
     component's variable tree, or its `jax.eval_shape`); components without keys are left out. A file in the
     original Stable Cascade format (`cascade_format.py`) is read as such; `module_filters` are its training
-    config's (default `['.attn']`)."""
+    config's (default `['.attn']`); `added`: its ReToken's added tokens (`cascade_format.from_state_dict`)."""
     from safetensors.numpy import load_file
 
     from wurst_jax.lora import cascade_format
@@ -60,7 +62,9 @@ def read_lora_file(path: str | os.PathLike, targets: dict[str, Any], module_filt
     if cascade_format.is_cascade_file(tensors):
         if "prior" not in targets:
             raise LoraError(f"{file}: an original Stable Cascade LoRA (stage C); this pipeline has no prior")
-        return cascade_format.from_state_dict(tensors, targets, str(file), module_filters)
+        return cascade_format.from_state_dict(tensors, targets, str(file), module_filters, added)
+    if added is not None:
+        raise LoraError(f"{file}: train_tokens apply to original Stable Cascade LoRA files; this one is PEFT's")
     if module_filters is not None:
         raise LoraError(f"{file}: module_filters applies to original Stable Cascade LoRA files; this one is PEFT's")
     return from_state_dict(tensors, targets, str(file))

@@ -205,6 +205,9 @@ class StableCascadeCombinedPipeline(LoraMixin):
     def _lora(self) -> dict:  # the prior pipeline's adapters are the combined pipeline's
         return self.prior_pipe._lora()
 
+    def _lora_host(self):  # and so are its tokenizer's train tokens
+        return self.prior_pipe
+
     @classmethod
     def from_pretrained(
         cls,
