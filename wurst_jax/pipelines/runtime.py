@@ -82,8 +82,8 @@ class CompileCache:
             t0 = time.perf_counter()
             exe = self._executables[key] = exe.result()
             if self.progress and report:
-                how = ", ".join(([detail] if detail else []) + ["compiled ahead"])
-                say(f"{name}: waited {time.perf_counter() - t0:.2f} s for its compile ({how})")
+                how = ", ".join(([detail] if detail else []) + ["compiled ahead, side by side: the time waited"])
+                say(f"{name}: compiled in {time.perf_counter() - t0:.2f} s ({how})")
         if exe is None:
             t0 = time.perf_counter()
             exe = warm.load_executable(name, fn, static, args)  # kept by an earlier process: no tracing
