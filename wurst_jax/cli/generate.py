@@ -213,7 +213,12 @@ def generate(args: argparse.Namespace) -> int:
     images, done = [], 0
     for n in plan.batches:  # several batches: image i gets seed + i, whatever the batch size
         seed = args.seed if len(plan.batches) == 1 else [args.seed + done + i for i in range(n)]
-        images += pipe(prompt=args.prompt, num_images_per_prompt=n, seed=seed, **steps, **common).images
+        call = dict(prompt=args.prompt, num_images_per_prompt=n, seed=seed, **steps, **common)
+        if done == 0 and mesh is None and isinstance(pipe, wj.WuerstchenPipeline):
+            # a dry run first: every stage's program lowered, all compiled side by side (runtime.CompileCache)
+            with pipe.prior_pipe.compiler.planning():
+                pipe(**call)
+        images += pipe(**call).images
         done += n
     return _save(images, out)
 

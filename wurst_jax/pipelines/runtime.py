@@ -9,10 +9,12 @@ executable an earlier one kept (`wurst_jax.warm`) without tracing the function a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,35 @@ class CompileCache:
         self.progress = progress
         self._jitted: dict[Any, Any] = {}
         self._executables: dict[Any, Any] = {}
+        self._outs: dict[Any, Any] = {}  # planning: each program's output shapes
+        self._pool: ThreadPoolExecutor | None = None
+
+    @contextlib.contextmanager
+    def planning(self, workers: int = 2) -> Iterator[None]:
+        """Inside: a call runs nothing; it loads the kept program or lowers it and hands its compile to a pool of
+        `workers` threads (XLA's compile releases the GIL, so the stages compile side by side), and returns zeros
+        of the program's output shapes, so a dry run of a pipeline call sees every stage's inputs before any runs.
+        The real call after it then waits for each compile. A program whose real inputs differ from the dry run's
+        compiles again: the plan never changes what runs."""
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="wurst_jax-compile")
+        try:
+            yield
+        finally:
+            pool, self._pool = self._pool, None
+            pool.shutdown(wait=False)
+
+    def _plan(self, key: Any, name: str, fn: Callable, jitted: Any, static: dict[str, Any], args: tuple) -> Any:
+        if key not in self._executables:
+            exe = warm.load_executable(name, fn, static, args)
+            if exe is not None:
+                self._executables[key], self._outs[key] = exe, exe.out_info
+            else:
+                lowered = jitted.lower(*args, **static)
+                self._outs[key] = lowered.out_info
+                self._executables[key] = self._pool.submit(  # type: ignore[union-attr]
+                    warm.compile_and_keep, name, fn, static, args, lowered.compile
+                )
+        return jax.tree_util.tree_map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype)), self._outs[key])
 
     def __call__(
         self, name: str, fn: Callable, static: dict[str, Any], *args: Any, detail: str = "", report: bool = True
@@ -44,7 +75,15 @@ class CompileCache:
         helper programs such as a stage's noise)."""
         jitted = self._jitted.setdefault(fn, jax.jit(fn, static_argnames=tuple(static)))
         key = (name, fn, tuple(sorted(static.items())), _signature(args))
+        if self._pool is not None:
+            return self._plan(key, name, fn, jitted, static, args)
         exe = self._executables.get(key)
+        if isinstance(exe, Future):  # compiling since the dry run (`planning`)
+            t0 = time.perf_counter()
+            exe = self._executables[key] = exe.result()
+            if self.progress and report:
+                how = ", ".join(([detail] if detail else []) + ["compiled ahead, side by side: the time waited"])
+                say(f"{name}: compiled in {time.perf_counter() - t0:.2f} s ({how})")
         if exe is None:
             t0 = time.perf_counter()
             exe = warm.load_executable(name, fn, static, args)  # kept by an earlier process: no tracing
