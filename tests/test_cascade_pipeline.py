@@ -225,7 +225,7 @@ def test_combined_folder_loads(sc):
     for a, b in [(one.prior_pipe.prior, pipe.prior_pipe.prior), (one.decoder_pipe.vqgan, pipe.decoder_pipe.vqgan),
                  (one.prior_pipe.images.encoder, pipe.prior_pipe.images.encoder)]:  # fmt: skip
         jax.tree_util.tree_map(np.testing.assert_array_equal, a.variables, b.variables)
-    assert one.prior_pipe.images.size == 28
+    assert one.prior_pipe.images.processor.crop_size == (28, 28)
 
 
 def test_bad_inputs_name_the_argument(sc):

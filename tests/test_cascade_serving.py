@@ -119,7 +119,7 @@ def test_generate_prompts_takes_a_stable_cascade_model(folders, tmp_path, monkey
     image = tmp_path / "x.png"
     image.write_bytes(b"")
     res = cli.main(["generate", "--prompts", str(file), "--out-dir", str(out), *common, "--image", str(image)])
-    assert res == 2 and "--image (image variation) runs with one PROMPT" in capsys.readouterr().err
+    assert res == 2 and "batch generation (--prompts) is text-to-image only; drop --image" in capsys.readouterr().err
 
 
 def test_server_answers_with_the_pipeline_images(spec, pipe):

@@ -142,6 +142,7 @@ def test_cli_sr_and_shift_flags_reach_the_pipeline(sc):
     root = sc[0]
     p = argparse.ArgumentParser()
     add_control_arguments(p)
+    p.add_argument("--effnet")  # generate's flag, shared with image-to-image
     p.add_argument("--prompts")
     p.add_argument("--out-dir")
     flags = ["--control", "sr", "--controlnet", str(root / "sr"), "--effnet", str(root / "effnet"), "--shift", "2",
