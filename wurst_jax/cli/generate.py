@@ -214,7 +214,7 @@ def generate(args: argparse.Namespace) -> int:
     for n in plan.batches:  # several batches: image i gets seed + i, whatever the batch size
         seed = args.seed if len(plan.batches) == 1 else [args.seed + done + i for i in range(n)]
         call = dict(prompt=args.prompt, num_images_per_prompt=n, seed=seed, **steps, **common)
-        if done == 0 and mesh is None and isinstance(pipe, wj.WuerstchenPipeline):
+        if done == 0 and mesh is None and isinstance(pipe, wj.WuerstchenPipeline) and init_image is None:
             # a dry run first: every stage's program lowered, all compiled side by side (runtime.CompileCache)
             with pipe.prior_pipe.compiler.planning():
                 pipe(**call)
