@@ -32,3 +32,18 @@ def test_public_names_resolve():
         assert "NoSuchName" in str(e)
     else:
         raise AssertionError("unknown names must raise AttributeError")
+
+
+def test_generate_path_never_imports_transformers_or_torch():
+    """The shipped model loaded as `wurst-jax generate` loads it, in a process where torch cannot be imported:
+    transformers (whose import prints "PyTorch was not found" there) and torch are never imported."""
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import wurst_jax as wj, wurst_jax.cli.generate\n"
+        "from wurst_jax.serving.backend import TINY_MODEL as m\n"
+        "wj.WuerstchenPipeline.from_pretrained(m / 'wuerstchen', m / 'wuerstchen-prior', progress=False)\n"
+        "print(sorted(k for k in ('transformers', 'torch', 'orbax', 'optax') if sys.modules.get(k)))\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().splitlines()[-1] == "[]" and "PyTorch" not in p.stderr, p.stderr[-2000:]
