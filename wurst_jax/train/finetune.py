@@ -160,7 +160,10 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
     if missing:
         what = "prior" if stage == "c" else "decoder"
         raise ValueError(f"{root}: missing {missing}; stage {stage} fine-tunes from a {what} pipeline folder")
-    configs = {p: read_config(root / p)[1] for p in PARTS[stage] if p != "tokenizer"}  # WeightsError: a ValueError
+    kinds = {p: read_config(root / p) for p in PARTS[stage] if p != "tokenizer"}  # WeightsError: a ValueError
+    configs = {p: config for p, (_, config) in kinds.items()}
+    if cfg.train_tokens and kinds["prior"][0] != "cascade_unet":
+        raise ValueError(f"{root}: 'train_tokens' trains ReToken rows beside a Stable Cascade prior's LoRA, not v2's")
     data = Shards(cfg.data, shard_spec(stage, configs))  # checked before any weights are read
     mesh = make_mesh() if cfg.sharding else None
     if mesh is not None and run.batch_size % mesh.shape["data"]:
@@ -188,15 +191,35 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
 
     loss = objectives.component_loss(stage, module, empty_clip, run.cond_dropout, run.loss_weighting)
     trainable: Any = True
-    if cfg.lora_rank:  # adapter leaves beside the frozen kernels; only they train (and sit in the optimizer)
+    submodules, retoken = {}, None
+    if cfg.lora_rank:  # adapter leaves beside the frozen kernels; only they train (and sit in the optimizer).
+        # With `sharding` the frozen kernels are split as in a full fine-tune, while the adapter leaves (not the
+        # module's parameters: `state_shardings` finds no spec for them) are replicated with their EMA and Adam
+        # moments: r·(in + out) values a layer, so every device merges `kernel + down @ up` from its own copy and
+        # no step gathers an adapter; splitting them like their kernel would save little memory for a gather each
         from wurst_jax.lora.train import add_lora, is_lora, lora_loss
 
         style = "cascade" if cascade else "peft"  # Stable Cascade: the original's parametrisation and file
         variables = {"params": add_lora(variables["params"], cfg.lora_rank, cfg.lora_targets, run.seed, style)}
         loss, trainable = lora_loss(loss), is_lora
+    if cfg.train_tokens:  # ReToken rows too: the text encoder runs in the loss (its weights frozen in the state)
+        from wurst_jax.lora import retoken_train as rt
+        from wurst_jax.pipelines.tokenizer import load_tokenizer
+
+        text, text_vars = parts["text_encoder"]
+        tokenizer, text, text_params, ids = rt.grow(
+            load_tokenizer(root / "tokenizer"), text, text_vars["params"], cfg.train_tokens
+        )
+        variables = {"params": {**variables["params"], rt.TEXT: rt.with_rows(text_params, len(ids))}}
+        empty = caption_tokens(tokenizer, [""])
+        loss = rt.retoken_loss(module, text, ids, *empty, run.cond_dropout, run.loss_weighting)
+        trainable, submodules, retoken = rt.trainable, {rt.TEXT: text}, ids
+        words = [tokenizer.decode([i]) for i in ids]
+        log(f"stage c: training ReToken rows for token ids {ids.tolist()} ({', '.join(map(repr, words))})")
     setup = build_train_setup(
-        loss, variables, run, module=module, mesh=mesh, mode=cfg.sharding or "dp", trainable=trainable
-    )
+        loss, variables, run, module=module, mesh=mesh, mode=cfg.sharding or "dp", trainable=trainable,
+        submodules=submodules,
+    )  # fmt: skip
     state = setup.state
     del variables, parts[COMPONENT[stage]]  # the state holds the trained weights now
     ckpts = Checkpoints(out / f"ckpt_{stage}")
@@ -211,6 +234,8 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
 
     def model_batch(k: int) -> dict:  # batch k: a function of (seed, k) alone
         host = host_batch(stage, data.batch(k, run.batch_size, run.seed), tokenizer, latent_mean, latent_std, cascade)
+        if retoken is not None:  # the text encoder runs in the loss, on the captions' ids
+            return place(host)
         return place(prepare(frozen, place(host)))
 
     state = train_loop(
@@ -232,7 +257,11 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
         from wurst_jax.lora.train import cascade_weights
 
         token_dim = parts["text_encoder"][0].config.hidden_size
-        path = write_file(out, cascade_weights(merge_params(state.ema, state.frozen)), token_dim)
+        params = merge_params(state.ema, state.frozen)
+        if retoken is not None:
+            path = write_file(out, cascade_weights(rt.prior_of(params)), token_dim, rt.rows_of(params, retoken))
+        else:
+            path = write_file(out, cascade_weights(params), token_dim)
         log(f"stage c: wrote the Stable Cascade LoRA (EMA, rank {cfg.lora_rank}, '.attn') to {path}")
         return out
     if cfg.lora_rank:
