@@ -6,7 +6,8 @@ without one); any other token is a regex selecting existing vocabulary tokens (t
 selected ids (deduplicated, here in ascending order) get one trainable ReToken row each, zeros at step 0, ADDED to
 the table — so the text encoder runs inside the loss and the prompts that contain those tokens train their rows.
 
-    tok, text, text_params, ids = grow(tokenizer, text, text_params, train_tokens)
+    grown, ids = plan(tokenizer, train_tokens)  # checked before any weights are read
+    text, text_params = grow(tokenizer, text, text_params, train_tokens)
     params = {**add_lora(prior_params, r, style="cascade"), TEXT: with_rows(text_params, len(ids))}
     loss = retoken_loss(prior, text, ids, empty_ids, empty_mask, cond_dropout, weighting)  # batch: ids, mask, latents
     setup = build_train_setup(loss, {"params": params}, run, trainable=trainable)
@@ -36,26 +37,22 @@ ROWS = "retoken_rows"  # [n, D] beside the token table: the trainable ReToken ro
 _TABLE = ("text_model", "embeddings", "token_embedding", "embedding")
 
 
-def grow(tokenizer: Any, text: Any, text_params: Any, train_tokens: Any) -> tuple[Any, Any, Any, np.ndarray]:
-    """(the tokenizer with the new tokens, the text module for the grown table, its params with the init rows
-    appended, the ReToken ids [n] ascending); a ValueError names a token already in the vocabulary or an entry
-    selecting nothing."""
+def plan(tokenizer: Any, train_tokens: Any) -> tuple[Any, np.ndarray]:
+    """(the tokenizer with the new tokens added, the ReToken ids [n] ascending), before any weights are read; a
+    ValueError names a new token already in the vocabulary (or given twice) or a regex selecting nothing."""
     pairs = tokens.parse(train_tokens)
     if not hasattr(tokenizer, "backend"):
         raise ValueError(f"train_tokens: need the project's CLIP tokenizer, not {type(tokenizer).__name__}")
-    table = np.asarray(traverse_util.flatten_dict(text_params)[_TABLE])
-    known = tokenizer.backend.get_vocab(with_added_tokens=True)
-    if tokenizer.backend.get_vocab_size(with_added_tokens=True) != table.shape[0]:
-        raise ValueError(f"train_tokens: the tokenizer has {len(known)} tokens but the text encoder {table.shape[0]}")
+    known, size = tokenizer.backend.get_vocab(with_added_tokens=True), tokenizer.backend.get_vocab_size(True)
     new = [t for t, _ in pairs if tokens.is_new(t)]
     taken = sorted({t for t in new if t in known} | {t for t in new if new.count(t) > 1})
     if taken:
-        raise ValueError(f"train_tokens: {taken} already a token or given twice")
+        raise ValueError(f"train_tokens: {taken} already a token of the tokenizer or given twice")
     ids, added = set(), []
     for token, _ in pairs:
         if tokens.is_new(token):
             added.append(token)
-            ids.add(table.shape[0] + len(added) - 1)  # the original: len(tokenizer.vocab) - 1 after adding it
+            ids.add(size + len(added) - 1)  # the original: len(tokenizer.vocab) - 1 after adding it
             continue
         vocab = tokens.with_tokens(tokenizer, added).backend.get_vocab(with_added_tokens=True)
         hits = {i for k, i in vocab.items() if re.search(token, k) is not None}
@@ -63,13 +60,23 @@ def grow(tokenizer: Any, text: Any, text_params: Any, train_tokens: Any) -> tupl
             raise ValueError(f"train_tokens: the regex {token!r} matches no token of the vocabulary")
         ids |= hits
     grown = tokens.with_tokens(tokenizer, added) if added else tokenizer
-    rows = tokens.init_rows(tokenizer, table, pairs).astype(table.dtype)
+    return grown, np.asarray(sorted(ids), np.int64)
+
+
+def grow(tokenizer: Any, text: Any, text_params: Any, train_tokens: Any) -> tuple[Any, Any]:
+    """(the text module for the grown table, its params with the new tokens' init rows appended); `tokenizer`:
+    the one `plan` grew from (its vocabulary must be the table's)."""
+    table = np.asarray(traverse_util.flatten_dict(text_params)[_TABLE])
+    size = tokenizer.backend.get_vocab_size(True)
+    if size != table.shape[0]:
+        raise ValueError(f"train_tokens: the tokenizer has {size} tokens but the text encoder's table {table.shape[0]}")
+    rows = tokens.init_rows(tokenizer, table, tokens.parse(train_tokens)).astype(table.dtype)
     flat = dict(traverse_util.flatten_dict(text_params))
     flat[_TABLE] = jnp.concatenate([flat[_TABLE], jnp.asarray(rows)]) if len(rows) else flat[_TABLE]
     vocab = table.shape[0] + len(rows)
     if text.config.vocab_size != vocab:  # the embedding's shape is its config's vocab_size
         text = text.clone(config=dataclasses.replace(text.config, vocab_size=vocab))
-    return grown, text, traverse_util.unflatten_dict(flat), np.asarray(sorted(ids), np.int64)
+    return text, traverse_util.unflatten_dict(flat)
 
 
 def with_rows(text_params: Any, n: int) -> Any:
@@ -101,10 +108,13 @@ def retoken_loss(module, text, ids, empty_ids, empty_mask, cond_dropout: float, 
     def loss(params, stats, rng, batch):
         prior = {k: v for k, v in params.items() if k != TEXT}
         encoder = {"params": encoder_params(params[TEXT], ids)}
-        states = text.apply(encoder, batch["ids"], batch["mask"])
-        empty = text.apply(encoder, jnp.asarray(empty_ids), jnp.asarray(empty_mask))
-        empty = {"text": empty.hidden_states_last, "pooled": empty.text_embeds[:, None]}
-        args = (batch["latents"], states.hidden_states_last, states.text_embeds[:, None], empty, cond_dropout)
+        b = batch["ids"].shape[0]  # one encoder call for the captions and the empty prompt (one copy compiled)
+        ids_all = jnp.concatenate([batch["ids"], jnp.asarray(empty_ids, batch["ids"].dtype)])
+        mask_all = jnp.concatenate([batch["mask"], jnp.asarray(empty_mask, batch["mask"].dtype)])
+        states = text.apply(encoder, ids_all, mask_all)
+        hidden, pooled = states.hidden_states_last, states.text_embeds[:, None]
+        empty = {"text": hidden[b:], "pooled": pooled[b:]}
+        args = (batch["latents"], hidden[:b], pooled[:b], empty, cond_dropout)
         return objectives.cascade_c_loss(module, merged(prior), rng, *args, weighting=weighting), {}
 
     return loss

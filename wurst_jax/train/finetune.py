@@ -164,6 +164,13 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
     configs = {p: config for p, (_, config) in kinds.items()}
     if cfg.train_tokens and kinds["prior"][0] != "cascade_unet":
         raise ValueError(f"{root}: 'train_tokens' trains ReToken rows beside a Stable Cascade prior's LoRA, not v2's")
+    retoken = None  # the ReToken ids with `train_tokens`
+    if cfg.train_tokens:  # the tokens checked against the tokenizer before any weights are read
+        from wurst_jax.lora import retoken_train as rt
+        from wurst_jax.pipelines.tokenizer import load_tokenizer
+
+        base_tokenizer = load_tokenizer(root / "tokenizer")
+        grown_tokenizer, retoken = rt.plan(base_tokenizer, cfg.train_tokens)
     data = Shards(cfg.data, shard_spec(stage, configs))  # checked before any weights are read
     mesh = make_mesh() if cfg.sharding else None
     if mesh is not None and run.batch_size % mesh.shape["data"]:
@@ -180,7 +187,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
     tokenizer = parts.get("tokenizer")
     empty_clip: Any = None
     cascade = isinstance(module, StableCascadeUNet)  # a Stable Cascade prior folder
-    if tokenizer is not None:
+    if tokenizer is not None and not cfg.train_tokens:  # (ReToken: the loss encodes the empty prompt itself)
         text, text_vars = parts["text_encoder"]
         states = jax.jit(text.apply)(text_vars, *caption_tokens(tokenizer, [""]))
         if cascade:
@@ -189,9 +196,11 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
         else:
             empty_clip = np.asarray(states, np.float32)
 
-    loss = objectives.component_loss(stage, module, empty_clip, run.cond_dropout, run.loss_weighting)
+    loss: Any = None  # ReToken: `retoken_loss` below
+    if not cfg.train_tokens:
+        loss = objectives.component_loss(stage, module, empty_clip, run.cond_dropout, run.loss_weighting)
     trainable: Any = True
-    submodules, retoken = {}, None
+    submodules: dict = {}
     if cfg.lora_rank:  # adapter leaves beside the frozen kernels; only they train (and sit in the optimizer).
         # With `sharding` the frozen kernels are split as in a full fine-tune, while the adapter leaves (not the
         # module's parameters: `state_shardings` finds no spec for them) are replicated with their EMA and Adam
@@ -203,19 +212,15 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
         variables = {"params": add_lora(variables["params"], cfg.lora_rank, cfg.lora_targets, run.seed, style)}
         loss, trainable = lora_loss(loss), is_lora
     if cfg.train_tokens:  # ReToken rows too: the text encoder runs in the loss (its weights frozen in the state)
-        from wurst_jax.lora import retoken_train as rt
-        from wurst_jax.pipelines.tokenizer import load_tokenizer
-
         text, text_vars = parts["text_encoder"]
-        tokenizer, text, text_params, ids = rt.grow(
-            load_tokenizer(root / "tokenizer"), text, text_vars["params"], cfg.train_tokens
-        )
-        variables = {"params": {**variables["params"], rt.TEXT: rt.with_rows(text_params, len(ids))}}
+        text, text_params = rt.grow(base_tokenizer, text, text_vars["params"], cfg.train_tokens)
+        variables = {"params": {**variables["params"], rt.TEXT: rt.with_rows(text_params, len(retoken))}}
+        tokenizer = grown_tokenizer  # the captions' ids: the new tokens as one id each
         empty = caption_tokens(tokenizer, [""])
-        loss = rt.retoken_loss(module, text, ids, *empty, run.cond_dropout, run.loss_weighting)
-        trainable, submodules, retoken = rt.trainable, {rt.TEXT: text}, ids
-        words = [tokenizer.decode([i]) for i in ids]
-        log(f"stage c: training ReToken rows for token ids {ids.tolist()} ({', '.join(map(repr, words))})")
+        loss = rt.retoken_loss(module, text, retoken, *empty, run.cond_dropout, run.loss_weighting)
+        trainable, submodules = rt.trainable, {rt.TEXT: text}
+        words = ", ".join(repr(tokenizer.decode([i])) for i in retoken)
+        log(f"stage c: training ReToken rows for token ids {retoken.tolist()} ({words})")
     setup = build_train_setup(
         loss, variables, run, module=module, mesh=mesh, mode=cfg.sharding or "dp", trainable=trainable,
         submodules=submodules,
