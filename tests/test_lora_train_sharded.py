@@ -3,7 +3,8 @@ devices, with ReToken rows (`train_tokens`, the original `train/train_c_lora.py`
 
 - one run (through `wurst-jax train --train-tokens`) adds `[fern]` to the tokenizer (init row: the mean of
   `^dog</w>`'s rows) and trains the LoRA and rows for `[fern]` and the existing `cat</w>`; its `lora.safetensors`
-  loaded back with `load_lora_weights(..., train_tokens=...)` gives the trained text encoder's states;
+  loaded back as `wurst-jax generate --lora FILE --train-tokens ...` loads it (`load_lora_weights(...,
+  train_tokens=...)`) gives the trained text encoder's states;
 - the same run in "dp" and in "fsdp" gives the one-device losses and saved tensors (f32); the frozen weights stay
   bit-equal (split over the devices in fsdp, as a full fine-tune splits them, the grown token table included); the
   adapter leaves and their optimizer state are replicated, and the optimizer holds them only.
@@ -20,6 +21,7 @@ from test_finetune import config, metrics, write_shard
 
 import wurst_jax as wj
 from wurst_jax.cli import main
+from wurst_jax.cli.lora_flags import load_loras, lora_options
 from wurst_jax.train import finetune as finetune_module
 from wurst_jax.train.config import finetune_config, read_config
 
@@ -130,12 +132,25 @@ def test_retoken_rows_train_save_and_load_back(runs):
     assert 49408 in enc.input_ids[0]
 
     pipe = wj.StableCascadePriorPipeline.from_pretrained(init, progress=False)
-    pipe.load_lora_weights(out / "lora.safetensors", adapter_name="fern", train_tokens=TOKENS)
+    # loaded as `wurst-jax generate --lora FILE --train-tokens ...` loads it (the flags parsed by generate's parser)
+    entries = lora_options(generate_args("--lora", f"{out / 'lora.safetensors'}:1", *FLAGS), cascade=True)
+    assert entries == [(out / "lora.safetensors", 1.0, TOKENS)]
+    load_loras(pipe, entries)
     assert np.array_equal(pipe.text.tokenizer(CAPTIONS[1], return_tensors="np").input_ids[0], enc.input_ids[0][:6])
     states, pooled = pipe.text.with_pooled(CAPTIONS[1:2])
     errs = rel_err(states, want.hidden_states_last), rel_err(pooled[:, 0], want.text_embeds)
     print(f"ReToken round trip: states / pooled rel err {errs[0]:.2e} / {errs[1]:.2e}")
     assert max(errs) <= 1e-6
+
+
+def generate_args(*argv):
+    import argparse
+
+    from wurst_jax.cli.generate import add_generate_parser
+
+    parser = argparse.ArgumentParser()
+    add_generate_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["generate", "a prompt", *argv])
 
 
 def test_train_tokens_bad_input_is_one_line(runs, tmp_path, capsys):
@@ -148,8 +163,18 @@ def test_train_tokens_bad_input_is_one_line(runs, tmp_path, capsys):
         (["--lora-rank", "2", "--train-tokens", "^zzzzqqq</w>"], "matches no token"),
     ]
     path = config(tmp_path, runs["init"], tmp_path / "data", name="bad.json")
-    for argv, message in cases:
+    commands = [["train", "--stage", "c", "--config", path, *argv] for argv, _ in cases]
+    lora = str(runs[None][0] / "lora.safetensors")
+    for argv, message in [  # generate: checked before any weights are read too
+        (["--lora", str(tmp_path / "none.safetensors")], "is neither a .safetensors file nor a folder"),
+        (["--lora", f"{lora}:inf"], "the scale must be a finite number"),
+        (["--train-tokens", "[x]", "--lora", lora], "'[x]' belongs to a LoRA file: give --lora PATH before it"),
+        (["--lora", lora, "--train-tokens", "[x],("], "--train-tokens has an invalid regex '('"),
+    ]:
+        cases.append((argv, message))
+        commands.append(["generate", "a prompt", "--model", str(runs["init"]), *argv])
+    for command, (_, message) in zip(commands, cases, strict=True):
         capsys.readouterr()
-        assert main(["train", "--stage", "c", "--config", path, *argv]) == 2, argv
+        assert main(command) == 2, command
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err

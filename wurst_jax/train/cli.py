@@ -78,23 +78,14 @@ def add_lora_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def token_pairs(values: list[str]) -> list[list]:
-    """--train-tokens values → the config's [[token, regex or None], ...] (split at the first comma)."""
-    pairs = []
-    for v in values:
-        token, sep, regex = v.partition(",")
-        if not token or (sep and not regex):
-            raise ValueError(f"--train-tokens: expected TOKEN or TOKEN,REGEX (e.g. '[fernando],^dog</w>'), got {v!r}")
-        pairs.append([token, regex if sep else None])
-    return pairs
-
-
 def with_lora_flags(raw: dict, args: argparse.Namespace) -> dict:
     """The config with --lora-rank / --lora-targets / --train-tokens on top (checked with the rest by
     `finetune_config`)."""
     flags = {"lora_rank": args.lora_rank, "lora_targets": args.lora_targets}
     if getattr(args, "train_tokens", None):
-        flags["train_tokens"] = token_pairs(args.train_tokens)
+        from wurst_jax.train.config import train_token_flags
+
+        flags["train_tokens"] = train_token_flags(args.train_tokens)
     return {**raw, **{k: v for k, v in flags.items() if v is not None}}
 
 

@@ -146,7 +146,7 @@ def _boolean(v: Any) -> str | None:
     return None if isinstance(v, bool) else "must be true or false"
 
 
-def _token_pairs(v: Any) -> str | None:
+def train_tokens_problem(v: Any) -> str | None:
     """The original's `train_tokens`: a non-empty list of [token, aggregation regex or null] pairs (or bare token
     strings), each regex valid."""
     want = 'must be a non-empty list of [token, aggregation regex or null] pairs (e.g. [["[name]", "^dog</w>"]])'
@@ -164,6 +164,21 @@ def _token_pairs(v: Any) -> str | None:
             except re.error as e:
                 return f"has an invalid regex {regex!r} ({e})"
     return None
+
+
+def train_token_flags(values: list[str], flag: str = "--train-tokens") -> list[list]:
+    """`--train-tokens TOKEN[,REGEX]` values → [[token, regex or None], ...] (split at the first comma), checked as
+    the config key is; a ValueError names the flag."""
+    pairs = []
+    for v in values:
+        token, sep, regex = v.partition(",")
+        if not token or (sep and not regex):
+            raise ValueError(f"{flag}: expected TOKEN or TOKEN,REGEX (e.g. '[fernando],^dog</w>'), got {v!r}")
+        pairs.append([token, regex if sep else None])
+    problem = train_tokens_problem(pairs)
+    if problem:
+        raise ValueError(f"{flag} {problem}")
+    return pairs
 
 
 def _is_token(text: str) -> bool:
@@ -198,7 +213,7 @@ FINETUNE_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "remat": _boolean,
     "lora_rank": optional(integer(1)),
     "lora_targets": one_of("attention", "all-linear"),
-    "train_tokens": _token_pairs,
+    "train_tokens": train_tokens_problem,
 }
 TINY_CHECKS: dict[str, Callable[[Any], str | None]] = {"size": integer(8)}
 
