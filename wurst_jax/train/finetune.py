@@ -5,7 +5,9 @@ What trains (the rest is frozen, as in diffusers' `train_text_to_image_prior.py`
 - c: the prior (Stage C). `init` is a prior pipeline folder (prior/, text_encoder/, tokenizer/, model_index.json),
   Würstchen v2's or Stable Cascade's (whose prior learns `image_embeddings` as they are, conditioned on the text
   encoder's last layer before its norm and its pooled embedding, no image; with `lora_rank`, the original Stable
-  Cascade LoRA on '.attn', saved as its `lora.safetensors`).
+  Cascade LoRA on '.attn', saved as its `lora.safetensors`, and with `train_tokens` its ReToken rows too: the
+  text encoder then runs inside the loss on the captions' token ids, `lora/retoken_train.py`). A LoRA trains
+  with `sharding` as everything else does (the adapter replicated, see `finetune`).
 - b: the decoder (Stage B). `init` is a decoder pipeline folder (decoder/, vqgan/, text_encoder/, tokenizer/).
 - a: the VQGAN (Stage A; reconstruction + codebook losses). `init` is a decoder pipeline folder (vqgan/).
 Components may be diffusers / transformers safetensors or folders converted by `wurst-jax convert` (orbax).
