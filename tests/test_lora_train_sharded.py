@@ -164,6 +164,9 @@ def test_train_tokens_bad_input_is_one_line(runs, tmp_path, capsys):
     ]
     path = config(tmp_path, runs["init"], tmp_path / "data", name="bad.json")
     commands = [["train", "--stage", "c", "--config", path, *argv] for argv, _ in cases]
+    bad = config(tmp_path, runs["init"], tmp_path / "data", name="bad2.json", lora_rank=2, train_tokens=[["[x]", 3]])
+    commands.append(["train", "--stage", "c", "--config", bad])
+    cases.append(([], "bad2.json: key 'train_tokens' must be a non-empty list of [token, aggregation regex or null]"))
     lora = str(runs[None][0] / "lora.safetensors")
     for argv, message in [  # generate: checked before any weights are read too
         (["--lora", str(tmp_path / "none.safetensors")], "is neither a .safetensors file nor a folder"),
