@@ -30,6 +30,7 @@ from flax import traverse_util
 
 from wurst_jax.lora import tokens
 from wurst_jax.lora.train import is_lora, merged
+from wurst_jax.sharding import ShardingPlan
 from wurst_jax.train import objectives
 
 TEXT = "text_encoder"  # the text encoder's subtree of the trained parameter tree
@@ -66,7 +67,7 @@ def plan(tokenizer: Any, train_tokens: Any) -> tuple[Any, np.ndarray]:
 def grow(tokenizer: Any, text: Any, text_params: Any, train_tokens: Any) -> tuple[Any, Any]:
     """(the text module for the grown table, its params with the new tokens' init rows appended); `tokenizer`:
     the one `plan` grew from (its vocabulary must be the table's)."""
-    table = np.asarray(traverse_util.flatten_dict(text_params)[_TABLE])
+    table = ShardingPlan.host(traverse_util.flatten_dict(text_params)[_TABLE])  # (all of it, on every host)
     size = tokenizer.backend.get_vocab_size(True)
     if size != table.shape[0]:
         raise ValueError(f"train_tokens: the tokenizer has {size} tokens but the text encoder's table {table.shape[0]}")
