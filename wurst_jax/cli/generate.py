@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from wurst_jax.cli.control import add_control_arguments, control_options
+from wurst_jax.cli.lora_flags import add_lora_arguments, load_loras, lora_options
 from wurst_jax.cli.validate import DEFAULT_STRENGTH, check_generate, check_image_inputs, tiny_warnings
 from wurst_jax.dtypes import DTYPES
 from wurst_jax.pipelines.runtime import use_compilation_cache
@@ -119,6 +120,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--process-id", type=int, help="multi-host: this process's index (with --coordinator)")
     add_batch_arguments(p)
     add_control_arguments(p)
+    add_lora_arguments(p)
 
 
 def model_defaults(model: Path) -> tuple[int, float]:
@@ -143,14 +145,17 @@ def is_stable_cascade(model: Path) -> bool:
 def generate(args: argparse.Namespace) -> int:
     cascade = args.model is not None and is_stable_cascade(Path(args.model))
     control_load, control_call = control_options(args, cascade)  # checked before anything is loaded
+    loras = lora_options(args, cascade)
     if args.prompts or args.out_dir:  # many prompts from a file, either generation: wurst_jax/serving/batch.py
-        used = [f for f, v in (("--image", args.image), ("--init-image", args.init_image)) if v]
+        used = [f for f, v in (("--image", args.image), ("--init-image", args.init_image), ("--lora", loras)) if v]
         used += [f for f, v in (("--strength", args.strength), ("--effnet", args.effnet)) if v is not None]
         if used:
             raise ValueError(f"batch generation (--prompts) is text-to-image only; drop {' '.join(used)}")
         return run_batch(args)
     plan = check_generate(args)  # every flag, before any weights load or anything compiles
     images_in, init_image, strength = check_image_inputs(args, cascade)  # the files read now: bad ones fail here
+    if loras and images_in and not cascade:
+        raise ValueError("--lora adapts the prior, which v2 image variation (--image) does not run; drop --lora")
 
     import jax.numpy as jnp
 
@@ -208,6 +213,7 @@ def generate(args: argparse.Namespace) -> int:
             num_inference_steps=args.steps or 12,
             **(init and dict(image=init_image, **init)),
         )
+    load_loras(pipe, loras)
     if args.effnet is not None and (init_image is not None or (images_in and not cascade)):  # not for sr alone
         pipe.load_effnet(args.effnet, opts["dtype"])
     images, done = [], 0

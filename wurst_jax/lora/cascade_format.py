@@ -239,19 +239,24 @@ def _retoken(tensors: dict[str, Any], text: Any, problems: list[str], added: Any
     return {"/".join(path): {"down": down, "up": rows}}
 
 
-def to_state_dict(weights: list[tuple[np.ndarray, np.ndarray]], token_dim: int) -> dict[str, np.ndarray]:
+def to_state_dict(
+    weights: list[tuple[np.ndarray, np.ndarray]], token_dim: int, retoken: Any = None
+) -> dict[str, np.ndarray]:
     """The original's `lora` state dict from (lora_down [r, in], lora_up [out, r]) per site in the original order,
-    with an empty ReToken (the original always saves one; [0, token_dim])."""
+    and ReToken's (rows [n, token_dim], token ids [n]) — empty without (the original always saves one)."""
     out: dict[str, np.ndarray] = {}
     for i, (down, up) in enumerate(weights):
         out[f"weights.{i}.lora_down"] = np.ascontiguousarray(np.asarray(down, np.float32))
         out[f"weights.{i}.lora_up"] = np.ascontiguousarray(np.asarray(up, np.float32))
-    out["embeddings.embeddings"] = np.zeros((0, token_dim), np.float32)
-    out["embeddings.indices"] = np.zeros((0,), np.int64)
+    rows, ids = retoken if retoken is not None else (np.zeros((0, token_dim)), np.zeros((0,)))
+    if np.shape(rows) != (len(ids), token_dim):
+        raise ValueError(f"ReToken rows {np.shape(rows)} must be [{len(ids)} ids, {token_dim}]")
+    out["embeddings.embeddings"] = np.ascontiguousarray(np.asarray(rows, np.float32))
+    out["embeddings.indices"] = np.asarray(ids, np.int64).reshape(-1)
     return out
 
 
-def write_file(path: Any, weights: list[tuple[np.ndarray, np.ndarray]], token_dim: int) -> Any:
+def write_file(path: Any, weights: list[tuple[np.ndarray, np.ndarray]], token_dim: int, retoken: Any = None) -> Any:
     """Write the original's `lora.safetensors` (`to_state_dict`): `path` is a folder or a `.safetensors` name."""
     from pathlib import Path
 
@@ -261,5 +266,5 @@ def write_file(path: Any, weights: list[tuple[np.ndarray, np.ndarray]], token_di
     if p.suffix != ".safetensors":
         p.mkdir(parents=True, exist_ok=True)
         p = p / FILE_NAME
-    save_file(to_state_dict(weights, token_dim), str(p), metadata={"format": "pt"})
+    save_file(to_state_dict(weights, token_dim, retoken), str(p), metadata={"format": "pt"})
     return p

@@ -12,9 +12,10 @@ Fine-tuning (`wurst_jax/train/finetune.py`, example `wurst_jax/train/configs/fin
 `init` — the pipeline folder to start from (a prior pipeline for `--stage c`, a decoder pipeline for b and a) —
 and `data` — a folder of `.npz` shards (format in finetune.py) — plus optionally `dtype` (compute, "float32" or
 "bfloat16"; default float32), `save_dtype` (the exported component; default float32), `sharding` ("dp" or
-"fsdp" over all devices) and the run settings above (no `size`, `model` or `data_workers`). Any other key is an
-error. It trains the one stage's component, resumes from `out/ckpt_<stage>`, and leaves `out/` a pipeline folder
-diffusers loads.
+"fsdp" over all devices; with `lora_rank` too), `lora_rank` / `lora_targets` / `train_tokens` (a LoRA; with a
+Stable Cascade prior also ReToken rows) and the run settings above (no `size`, `model` or `data_workers`). Any
+other key is an error. It trains the one stage's component, resumes from `out/ckpt_<stage>`, and leaves `out/` a
+pipeline folder diffusers loads (a LoRA: its file).
 
 `--stage c-controlnet` trains a Stable Cascade stage C ControlNet with stage C frozen: a fine-tune config with a
 "controlnet" object (`wurst_jax/controlnet/train.py`, example `wurst_jax/train/configs/controlnet_canny.json`).
@@ -67,11 +68,24 @@ def add_lora_flags(p: argparse.ArgumentParser) -> None:
         "--lora-rank", type=int, metavar="R", help="fine-tune a LoRA of rank R (stage c) instead of all weights"
     )
     p.add_argument("--lora-targets", choices=("attention", "all-linear"), help="the layers the LoRA adapts")
+    p.add_argument(
+        "--train-tokens",
+        action="append",
+        metavar="TOKEN[,REGEX]",
+        help="a Stable Cascade LoRA also trains ReToken rows (repeatable): a new '[name]' / '<name>' token, its "
+        "initial embedding the mean of the tokens matching REGEX (e.g. '[fernando],^dog</w>'), or a regex selecting "
+        "existing tokens; replaces the config's 'train_tokens'",
+    )
 
 
 def with_lora_flags(raw: dict, args: argparse.Namespace) -> dict:
-    """The config with --lora-rank / --lora-targets on top (checked with the rest by `finetune_config`)."""
+    """The config with --lora-rank / --lora-targets / --train-tokens on top (checked with the rest by
+    `finetune_config`)."""
     flags = {"lora_rank": args.lora_rank, "lora_targets": args.lora_targets}
+    if getattr(args, "train_tokens", None):
+        from wurst_jax.train.config import train_token_flags
+
+        flags["train_tokens"] = train_token_flags(args.train_tokens)
     return {**raw, **{k: v for k, v in flags.items() if v is not None}}
 
 
@@ -96,8 +110,9 @@ def run_train(args: argparse.Namespace) -> int:
 
         finetune(cfg)
         return 0
-    if args.lora_rank is not None:
-        raise ValueError("--lora-rank fine-tunes a checkpoint: pass a config with 'init' and 'data'")
+    if args.lora_rank is not None or args.train_tokens:
+        flag = "--lora-rank" if args.lora_rank is not None else "--train-tokens"
+        raise ValueError(f"{flag} fine-tunes a checkpoint: pass a config with 'init' and 'data'")
     if not args.stage and not args.export:
         raise ValueError("nothing to do: pass --stage and/or --export")
     tiny = tiny_run_config(raw, args.stage, args.config)

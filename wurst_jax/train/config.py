@@ -24,7 +24,7 @@ TINY_STAGES = ("a", "a-decoder", "b", "c")
 FINETUNE_STAGES = ("a", "b", "c", "c-controlnet")
 FINETUNE_KEYS = (
     "init", "data", "dtype", "save_dtype", "sharding", "scan_blocks", "remat", "lora_rank", "lora_targets",
-    "controlnet",
+    "train_tokens", "controlnet",
 )  # fmt: skip
 CONTROL_FILTERS = {"canny": 1, "inpaint": 4, "sr": 16}  # the condition's channels (the ControlNet's c_in)
 BLOCK_OPTIONS = ("scan_blocks", "remat")  # execution options of the prior and the decoder: stages c and b
@@ -77,6 +77,8 @@ class FinetuneConfig:
     lora_rank: int | None = None  # stage c: train a LoRA of this rank only (v2: a diffusers/PEFT file; Stable
     # Cascade: the original's lora.safetensors)
     lora_targets: str = "attention"  # "attention" (to_q/to_k/to_v/to_out.0) or "all-linear"
+    train_tokens: tuple | None = None  # Stable Cascade LoRA: ReToken rows trained too, the original's syntax
+    # [["[fernando]", "^dog</w>"], ...] ((token, aggregation regex or None) pairs; `lora/retoken_train.py`)
     controlnet: ControlNetRun | None = None  # stage c-controlnet: what the ControlNet is and sees
 
 
@@ -144,6 +146,47 @@ def _boolean(v: Any) -> str | None:
     return None if isinstance(v, bool) else "must be true or false"
 
 
+def train_tokens_problem(v: Any) -> str | None:
+    """The original's `train_tokens`: a non-empty list of [token, aggregation regex or null] pairs (or bare token
+    strings), each regex valid."""
+    want = 'must be a non-empty list of [token, aggregation regex or null] pairs (e.g. [["[name]", "^dog</w>"]])'
+    if not isinstance(v, list) or not v:
+        return want
+    for entry in v:
+        pair = [entry, None] if isinstance(entry, str) else entry
+        if not isinstance(pair, list) or len(pair) != 2 or not isinstance(pair[0], str) or not pair[0]:
+            return want
+        if pair[1] is not None and not isinstance(pair[1], str):
+            return want
+        for regex in (pair[1], None if _is_token(pair[0]) else pair[0]):
+            try:
+                re.compile(regex or "")
+            except re.error as e:
+                return f"has an invalid regex {regex!r} ({e})"
+    return None
+
+
+def train_token_flags(values: list[str], flag: str = "--train-tokens") -> list[list]:
+    """`--train-tokens TOKEN[,REGEX]` values → [[token, regex or None], ...] (split at the first comma), checked as
+    the config key is; a ValueError names the flag."""
+    pairs = []
+    for v in values:
+        token, sep, regex = v.partition(",")
+        if not token or (sep and not regex):
+            raise ValueError(f"{flag}: expected TOKEN or TOKEN,REGEX (e.g. '[fernando],^dog</w>'), got {v!r}")
+        pairs.append([token, regex if sep else None])
+    problem = train_tokens_problem(pairs)
+    if problem:
+        raise ValueError(f"{flag} {problem}")
+    return pairs
+
+
+def _is_token(text: str) -> bool:
+    """A `[name]` / `<name>` train token is added to the tokenizer; anything else is a regex over the vocabulary
+    (the original's rule, `lora/tokens.is_new`)."""
+    return (text.startswith("[") and text.endswith("]")) or (text.startswith("<") and text.endswith(">"))
+
+
 RUN_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "steps": integer(1),
     "batch_size": integer(1),
@@ -170,6 +213,7 @@ FINETUNE_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "remat": _boolean,
     "lora_rank": optional(integer(1)),
     "lora_targets": one_of("attention", "all-linear"),
+    "train_tokens": train_tokens_problem,
 }
 TINY_CHECKS: dict[str, Callable[[Any], str | None]] = {"size": integer(8)}
 
@@ -291,19 +335,21 @@ def finetune_config(raw: dict, stage: str | None, name: str = "config") -> Finet
             raise ValueError(f"{name}: stage c-controlnet needs a 'controlnet' object (at least its 'filter')")
         raise ValueError(f"{name}: 'controlnet' configures stage c-controlnet, not stage {stage}")
     if stage == "c-controlnet":
-        for key in ("lora_rank", "sharding"):
+        for key in ("lora_rank", "sharding", "train_tokens"):
             if merged.get(key):
                 raise ValueError(f"{name}: stage c-controlnet runs on one device without a LoRA for now; drop {key!r}")
         merged["controlnet"] = controlnet_run(merged["controlnet"], name)
     if merged.get("lora_rank") and stage != "c":
         raise ValueError(f"{name}: 'lora_rank' trains a LoRA of the prior (stage c), not stage {stage}")
-    if merged.get("lora_rank") and merged.get("sharding"):
-        raise ValueError(f"{name}: LoRA training runs on one device for now; drop 'sharding' or 'lora_rank'")
+    if merged.get("train_tokens") and not merged.get("lora_rank"):
+        raise ValueError(f"{name}: 'train_tokens' trains ReToken rows beside a Stable Cascade LoRA: set 'lora_rank'")
     out = _out(raw, name)
     out_dir, init = Path(out).resolve(), Path(merged["init"]).resolve()
     if out_dir == init or init in out_dir.parents:
         raise ValueError(f"{name}: 'out' ({out}) must be a folder outside 'init' ({merged['init']})")
     extra = {k: merged[k] for k in FINETUNE_KEYS if k in merged and k not in ("init", "data")}
+    if extra.get("train_tokens") is not None:  # frozen config: tuples, bare strings as (token, None)
+        extra["train_tokens"] = tuple((t, None) if isinstance(t, str) else tuple(t) for t in extra["train_tokens"])
     return FinetuneConfig(stage, merged["init"], merged["data"], out, _run(merged, run_keys), **extra)
 
 

@@ -5,7 +5,9 @@ What trains (the rest is frozen, as in diffusers' `train_text_to_image_prior.py`
 - c: the prior (Stage C). `init` is a prior pipeline folder (prior/, text_encoder/, tokenizer/, model_index.json),
   Würstchen v2's or Stable Cascade's (whose prior learns `image_embeddings` as they are, conditioned on the text
   encoder's last layer before its norm and its pooled embedding, no image; with `lora_rank`, the original Stable
-  Cascade LoRA on '.attn', saved as its `lora.safetensors`).
+  Cascade LoRA on '.attn', saved as its `lora.safetensors`, and with `train_tokens` its ReToken rows too: the
+  text encoder then runs inside the loss on the captions' token ids, `lora/retoken_train.py`). A LoRA trains
+  with `sharding` as everything else does (the adapter replicated, see `finetune`).
 - b: the decoder (Stage B). `init` is a decoder pipeline folder (decoder/, vqgan/, text_encoder/, tokenizer/).
 - a: the VQGAN (Stage A; reconstruction + codebook losses). `init` is a decoder pipeline folder (vqgan/).
 Components may be diffusers / transformers safetensors or folders converted by `wurst-jax convert` (orbax).
@@ -160,7 +162,17 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
     if missing:
         what = "prior" if stage == "c" else "decoder"
         raise ValueError(f"{root}: missing {missing}; stage {stage} fine-tunes from a {what} pipeline folder")
-    configs = {p: read_config(root / p)[1] for p in PARTS[stage] if p != "tokenizer"}  # WeightsError: a ValueError
+    kinds = {p: read_config(root / p) for p in PARTS[stage] if p != "tokenizer"}  # WeightsError: a ValueError
+    configs = {p: config for p, (_, config) in kinds.items()}
+    if cfg.train_tokens and kinds["prior"][0] != "cascade_unet":
+        raise ValueError(f"{root}: 'train_tokens' trains ReToken rows beside a Stable Cascade prior's LoRA, not v2's")
+    retoken = None  # the ReToken ids with `train_tokens`
+    if cfg.train_tokens:  # the tokens checked against the tokenizer before any weights are read
+        from wurst_jax.lora import retoken_train as rt
+        from wurst_jax.pipelines.tokenizer import load_tokenizer
+
+        base_tokenizer = load_tokenizer(root / "tokenizer")
+        grown_tokenizer, retoken = rt.plan(base_tokenizer, cfg.train_tokens)
     data = Shards(cfg.data, shard_spec(stage, configs))  # checked before any weights are read
     mesh = make_mesh() if cfg.sharding else None
     if mesh is not None and run.batch_size % mesh.shape["data"]:
@@ -177,7 +189,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
     tokenizer = parts.get("tokenizer")
     empty_clip: Any = None
     cascade = isinstance(module, StableCascadeUNet)  # a Stable Cascade prior folder
-    if tokenizer is not None:
+    if tokenizer is not None and not cfg.train_tokens:  # (ReToken: the loss encodes the empty prompt itself)
         text, text_vars = parts["text_encoder"]
         states = jax.jit(text.apply)(text_vars, *caption_tokens(tokenizer, [""]))
         if cascade:
@@ -186,17 +198,35 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
         else:
             empty_clip = np.asarray(states, np.float32)
 
-    loss = objectives.component_loss(stage, module, empty_clip, run.cond_dropout, run.loss_weighting)
+    loss: Any = None  # ReToken: `retoken_loss` below
+    if not cfg.train_tokens:
+        loss = objectives.component_loss(stage, module, empty_clip, run.cond_dropout, run.loss_weighting)
     trainable: Any = True
-    if cfg.lora_rank:  # adapter leaves beside the frozen kernels; only they train (and sit in the optimizer)
+    submodules: dict = {}
+    if cfg.lora_rank:  # adapter leaves beside the frozen kernels; only they train (and sit in the optimizer).
+        # With `sharding` the frozen kernels are split as in a full fine-tune, while the adapter leaves (not the
+        # module's parameters: `state_shardings` finds no spec for them) are replicated with their EMA and Adam
+        # moments: r·(in + out) values a layer, so every device merges `kernel + down @ up` from its own copy and
+        # no step gathers an adapter; splitting them like their kernel would save little memory for a gather each
         from wurst_jax.lora.train import add_lora, is_lora, lora_loss
 
         style = "cascade" if cascade else "peft"  # Stable Cascade: the original's parametrisation and file
         variables = {"params": add_lora(variables["params"], cfg.lora_rank, cfg.lora_targets, run.seed, style)}
         loss, trainable = lora_loss(loss), is_lora
+    if cfg.train_tokens:  # ReToken rows too: the text encoder runs in the loss (its weights frozen in the state)
+        text, text_vars = parts["text_encoder"]
+        text, text_params = rt.grow(base_tokenizer, text, text_vars["params"], cfg.train_tokens)
+        variables = {"params": {**variables["params"], rt.TEXT: rt.with_rows(text_params, len(retoken))}}
+        tokenizer = grown_tokenizer  # the captions' ids: the new tokens as one id each
+        empty = caption_tokens(tokenizer, [""])
+        loss = rt.retoken_loss(module, text, retoken, *empty, run.cond_dropout, run.loss_weighting)
+        trainable, submodules = rt.trainable, {rt.TEXT: text}
+        words = ", ".join(repr(tokenizer.decode([i])) for i in retoken)
+        log(f"stage c: training ReToken rows for token ids {retoken.tolist()} ({words})")
     setup = build_train_setup(
-        loss, variables, run, module=module, mesh=mesh, mode=cfg.sharding or "dp", trainable=trainable
-    )
+        loss, variables, run, module=module, mesh=mesh, mode=cfg.sharding or "dp", trainable=trainable,
+        submodules=submodules,
+    )  # fmt: skip
     state = setup.state
     del variables, parts[COMPONENT[stage]]  # the state holds the trained weights now
     ckpts = Checkpoints(out / f"ckpt_{stage}")
@@ -211,6 +241,8 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
 
     def model_batch(k: int) -> dict:  # batch k: a function of (seed, k) alone
         host = host_batch(stage, data.batch(k, run.batch_size, run.seed), tokenizer, latent_mean, latent_std, cascade)
+        if retoken is not None:  # the text encoder runs in the loss, on the captions' ids
+            return place(host)
         return place(prepare(frozen, place(host)))
 
     state = train_loop(
@@ -232,7 +264,11 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
         from wurst_jax.lora.train import cascade_weights
 
         token_dim = parts["text_encoder"][0].config.hidden_size
-        path = write_file(out, cascade_weights(merge_params(state.ema, state.frozen)), token_dim)
+        params = merge_params(state.ema, state.frozen)
+        if retoken is not None:
+            path = write_file(out, cascade_weights(rt.prior_of(params)), token_dim, rt.rows_of(params, retoken))
+        else:
+            path = write_file(out, cascade_weights(params), token_dim)
         log(f"stage c: wrote the Stable Cascade LoRA (EMA, rank {cfg.lora_rank}, '.attn') to {path}")
         return out
     if cfg.lora_rank:

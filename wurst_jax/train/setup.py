@@ -82,6 +82,7 @@ def build_train_setup(
     trainable: Trainable = True,
     batch_shardings: Any = None,
     allocate: bool = True,
+    submodules: dict[str, Any] | None = None,
 ) -> TrainSetup:
     """The optimizer (`make_optimizer(run.lr, run.warmup_steps)`), the state (seed `run.seed`, the trained leaves
     of `variables["params"]` that `trainable` selects), its shardings and the step (`make_train_step(loss_fn, tx,
@@ -90,7 +91,9 @@ def build_train_setup(
     `loss_fn(params, batch_stats, rng, batch) -> (loss, aux)` takes the whole parameter tree. With a `mesh`,
     `module` (whose variables these are) names the parameters' logical axes and `mode` ("dp" or "fsdp") how they
     are split (`state_shardings`); `batch_shardings` fixes the batch's (default: whatever the batch has).
-    `allocate=False` makes nothing: `abstract` and `shardings` only (`make_state` makes the state later)."""
+    `allocate=False` makes nothing: `abstract` and `shardings` only (`make_state` makes the state later).
+    `submodules` {name: module}: the modules of extra top-level subtrees of the params (a frozen text encoder
+    under "text_encoder"), placed by their own logical axes like `module`'s."""
     if mesh is not None and mode not in MODES:
         raise ValueError(f"sharding must be one of {MODES}, got {mode!r}")
     if mesh is not None and module is None:
@@ -102,7 +105,9 @@ def build_train_setup(
     if mesh is not None:
         from wurst_jax.models import abstract_variables
 
-        shardings = state_shardings(abstract, abstract_variables(module, boxed=True)["params"], mesh, mode)
+        boxed = dict(abstract_variables(module, boxed=True)["params"])
+        boxed.update({name: abstract_variables(m, boxed=True)["params"] for name, m in (submodules or {}).items()})
+        shardings = state_shardings(abstract, boxed, mesh, mode)
     train_step = make_train_step(loss_fn, tx, run.ema_decay)
     setup = TrainSetup(
         tx=tx,
