@@ -3,7 +3,7 @@
 
 `ModelSpec` reads the folders as Stable Cascade (model_index.json); a prompt file's images (two sizes, own and
 default seeds) equal one pipeline call per prompt bit for bit; `generate --prompts` takes the model with its own
-defaults; a real HTTP request on loopback answers with the pipeline's images; dp, fsdp and tp runs equal one device;
+defaults; a real HTTP request on loopback answers with the pipeline's images; dp and tp runs equal one device;
 diffusers' variant="bf16" folders load and generate. One pipeline, batches of 2: the shapes compile once and are
 shared by every test here (the sharded runs compile their own programs)."""
 
@@ -151,7 +151,9 @@ def latents(pipe):
     return pipe("a red circle", prior_num_inference_steps=2, num_inference_steps=2, output_type="latent", **call).images
 
 
-@pytest.mark.parametrize("mode,data,model", [("dp", 2, 1), ("fsdp", 2, 2), ("tp", 2, 2)])
+# dp (each device runs the one-device program on its slice) and tp (XLA-partitioned heads over data × model); fsdp:
+# tests/test_cascade_pipeline.py::test_sharded_and_offloaded_equals_one_device
+@pytest.mark.parametrize("mode,data,model", [("dp", 2, 1), ("tp", 2, 2)])
 def test_sharded_pipeline_equals_one_device(spec, pipe, mode, data, model):
     """The combined pipeline with every stage sharded over a data × model mesh (tp splits the prior's, decoder's
     and text encoders' heads over the 2-way model axis) against one device, in the shapes of group A above."""
