@@ -1,7 +1,8 @@
 """Real signals to a real `wurst-jax` subprocess at chosen points: right after start; while jax imports, the
-KeyboardInterrupt swallowed in a GC callback (as XLA's callback swallows it); inside `prepare-data`: swallowed before
-the first shard, SIGTERM from an image-decoding worker thread, and with the encoder's XLA computation in flight. Each
-run must end with one `interrupted` line, exit 130 (143 for SIGTERM), no traceback, nothing on disk.
+KeyboardInterrupt swallowed in a GC callback (as XLA's callback swallows it); while orbax's save builds its asyncio
+event loop; inside `prepare-data`: swallowed before the first shard, SIGTERM from an image-decoding worker thread, and
+with the encoder's XLA computation in flight. Each run must end with one `interrupted` line, exit 130 (143 for
+SIGTERM), no traceback, nothing on disk.
 
 The subprocess runs `DRIVER`, which sends the signal to its own process (`os.kill`) at the point, so each point is
 hit on every run, however loaded the machine; what happens next is the real signal handling of `wurst_jax.cli.run`.
@@ -112,6 +113,8 @@ PREPARE = ("prepare-data", "images", "--effnet", "effnet", "--resolution", "32",
 POINTS = [
     ("start", "SIGINT", CONVERT),
     ("import:jax:eaten", "SIGINT", CONVERT),  # before: swallowed, the run went on and wrote DST (exit 0)
+    # while orbax builds an asyncio loop: before, the half-built loop's __del__ printed a traceback (CI, stop 24)
+    ("call:socket:socketpair:1:raise", "SIGINT", CONVERT),
     ("call:wurst_jax.train.prepare:load_image:3:raise", "SIGTERM", PREPARE),  # from a decoding worker thread
     ("dispatch", "SIGINT", PREPARE),  # the encoder's result still computing
     ("call:wurst_jax.train.prepare:make_encoder:1:eaten", "SIGINT", PREPARE),  # swallowed: seen at the next shard

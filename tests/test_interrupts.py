@@ -61,7 +61,7 @@ def test_signal_never_replaces_dst_and_leaves_nothing(tmp_path, when, sig):
         assert (dst / "wurst_jax_manifest.json").is_file() or any(dst.iterdir())
     else:
         assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], err
-        assert "Traceback" not in err, err
+        assert "Traceback" not in err and "Exception ignored" not in err, err
         assert "interrupted" in err.strip().splitlines()[-1]
         assert sorted(p.name for p in dst.iterdir()) == ["old.txt"]  # DST untouched
     assert not _partials(dst)

@@ -13,6 +13,7 @@ the command starts (`release_signals`).
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,16 +44,18 @@ def _on_signal(signum: int, frame: object) -> None:
     first = not _signals
     _signals.append(signum)
     if first:  # later signals only add to the record: the first KeyboardInterrupt is already unwinding
+        # the interrupted work's coroutines (orbax's) are dropped unawaited: the process is ending, not a bug to show
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
         raise KeyboardInterrupt
 
 
 def _quiet_unraisable(hook: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """`hook` (a `sys.unraisablehook`) but silent for a recorded signal's KeyboardInterrupt that landed in a GC
-    callback (XLA's): Python would print it as "Exception ignored in …" with a traceback; it is reported once, as
-    the interruption it is."""
+    """`hook` (a `sys.unraisablehook`) but silent once a signal was recorded: its KeyboardInterrupt landing in a GC
+    callback (XLA's), or the `__del__` of an object it interrupted half-built (an asyncio loop orbax was creating),
+    would print "Exception ignored in …" with a traceback; the interruption is reported once, as what it is."""
 
     def unraisable(u: Any) -> None:
-        if not (_signals and isinstance(u.exc_value, KeyboardInterrupt)):
+        if not _signals:
             hook(u)
 
     unraisable.wrapped = hook
@@ -207,6 +211,7 @@ def run_writer(command: str, out: str, write: Callable[[], Path]) -> int:
                 print(f"wurst-jax {command}: error: {' '.join(str(e).split())}", file=sys.stderr)
                 return 2
         if received and result is None:
+            gc.collect()  # the interrupted work's debris goes now, while its `__del__` errors are kept quiet
             print(f"wurst-jax {command}: interrupted; {out} was not written or changed", file=sys.stderr)
             return EXIT_CODES.get(received[0], 130)
     print(result)
