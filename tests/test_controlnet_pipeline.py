@@ -135,29 +135,61 @@ def test_bad_control_arguments(sc):
 
 @pytest.fixture(scope="module")
 def converted(sc, tmp_path_factory):
-    """A tiny Canny ControlNet as an original-layout safetensors file, converted by `wurst-jax convert`."""
+    """Tiny Canny and inpainting ControlNets as original-layout safetensors files, converted by `wurst-jax convert`;
+    a control image and masks."""
     tmp = tmp_path_factory.mktemp("cn")
-    module, variables = controlnet(CANNY, True)
-    (file,) = wj.export_component(module, variables, tmp / "export").glob("*.safetensors")
-    config = {"c_in": 1, "c_proj": 16, "proj_blocks": [0, 5], "effnet": "tiny", "c_embd": 48}
-    args = ["convert", str(file), str(tmp / "canny"), "--stage", "controlnet", "--config", json.dumps(config)]
-    assert main([*args, "--quiet"]) == 0
+    for name, cfg in (("canny", CANNY), ("inpaint", INPAINT)):
+        module, variables = controlnet(cfg, True)
+        (file,) = wj.export_component(module, variables, tmp / f"export-{name}").glob("*.safetensors")
+        config = {"c_in": cfg.c_in, "c_proj": 16, "proj_blocks": [0, 5], "effnet": "tiny", "c_embd": 48}
+        args = ["convert", str(file), str(tmp / name), "--stage", "controlnet", "--config", json.dumps(config)]
+        assert main([*args, "--quiet"]) == 0
     Image.fromarray(picture(0)).save(tmp / "edges.png")
     Image.fromarray(np.where(np.arange(96)[:, None] < 48, 255, 0).astype(np.uint8).repeat(192, 1)).save(tmp / "m.png")
+    Image.fromarray(picture(5, SIZE)).save(tmp / "photo.png")  # at the output size: kept pixel for pixel
+    mask = np.zeros(SIZE, np.uint8)
+    mask[32:96, 64:192] = 255
+    Image.fromarray(mask).save(tmp / "hole.png")
     return tmp
 
 
-def test_cli_generates_with_a_converted_controlnet(sc, converted, tmp_path):
+@pytest.mark.parametrize("kind", ["canny", "inpaint"])
+def test_cli_generates_with_a_converted_controlnet(sc, converted, tmp_path, kind):
+    """End to end; inpainting (the default --keep-unmasked) returns the control image's unmasked pixels exactly
+    (tolerance 0 after decoding) and generated ones under the mask."""
     root, _ = sc
     out = tmp_path / "cn.png"
+    image = "photo.png" if kind == "inpaint" else "edges.png"
     argv = ["generate", "a red cube", "--model", str(root / "stable-cascade"), "--prior",
-            str(root / "stable-cascade-prior"), "--control", "canny", "--controlnet", str(converted / "canny"),
-            "--control-image", str(converted / "edges.png"), "--control-scale", "0.8", "--height", "128", "--width",
+            str(root / "stable-cascade-prior"), "--control", kind, "--controlnet", str(converted / kind),
+            "--control-image", str(converted / image), "--control-scale", "0.8", "--height", "128", "--width",
             "256", "--prior-steps", "2", "--steps", "2", "--dtype", "float32", "--quiet",
             "--out", str(out)]  # fmt: skip
+    argv += ["--mask", str(converted / "hole.png")] if kind == "inpaint" else []
     assert main(argv) == 0
-    with Image.open(out) as image:
-        assert image.size == (256, 128)
+    with Image.open(out) as result:
+        assert result.size == (256, 128)
+        got = np.asarray(result.convert("RGB"))
+    if kind == "inpaint":
+        photo, hole = np.asarray(Image.open(converted / "photo.png")), np.asarray(Image.open(converted / "hole.png"))
+        kept = hole < 128
+        np.testing.assert_array_equal(got[kept], photo[kept])
+        assert np.abs(got[~kept].astype(int) - photo[~kept]).mean() > 5  # generated, not copied
+
+
+def test_keep_unmasked_resizes_the_control_image_and_mask_to_the_output():
+    from wurst_jax.cli.control import keep_unmasked
+
+    photo, generated = picture(7, (48, 96)), [Image.fromarray(picture(8)), Image.fromarray(picture(9))]
+    mask = np.zeros((48, 96), np.uint8)
+    mask[:, 48:] = 255  # the right half is generated
+    call = {"control_image": Image.fromarray(photo), "mask_image": Image.fromarray(mask)}
+    out = [np.asarray(i) for i in keep_unmasked(generated, call)]
+    bigger = np.asarray(Image.fromarray(photo).resize((192, 96), Image.BICUBIC))
+    for o, g in zip(out, generated, strict=True):
+        assert o.shape == (96, 192, 3)
+        np.testing.assert_array_equal(o[:, :96], bigger[:, :96])
+        np.testing.assert_array_equal(o[:, 96:], np.asarray(g)[:, 96:])
 
 
 @pytest.mark.parametrize(
@@ -167,6 +199,10 @@ def test_cli_generates_with_a_converted_controlnet(sc, converted, tmp_path):
         (["--control", "canny", "--control-image", "{img}"], "--controlnet"),
         (["--controlnet", "{cn}", "--control-image", "{img}"], "--controlnet needs --control"),
         (["--control", "canny", "--controlnet", "{cn}", "--control-image", "{img}", "--mask", "{mask}"], "--mask"),
+        (
+            ["--control", "canny", "--controlnet", "{cn}", "--control-image", "{img}", "--no-keep-unmasked"],
+            "--keep-unmasked is for --control inpaint",
+        ),
         (["--control", "inpaint", "--controlnet", "{cn}", "--control-image", "{img}"], "--mask"),
         (["--control", "canny", "--controlnet", "{cn}", "--control-image", "nowhere.png"], "--control-image"),
         (["--control", "canny", "--controlnet", "nowhere", "--control-image", "{img}"], "--controlnet nowhere"),

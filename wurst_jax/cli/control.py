@@ -25,6 +25,13 @@ def add_control_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--controlnet", metavar="PATH", help="the ControlNet: a converted folder (wurst-jax convert)")
     p.add_argument("--control-image", metavar="FILE", help="the image the ControlNet's condition is made from")
     p.add_argument("--mask", metavar="FILE", help="inpaint mask image: white = generate, black = keep")
+    p.add_argument(
+        "--keep-unmasked",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="--control inpaint: paste the control image's unmasked region back into the output, kept exactly "
+        "(the default); --no-keep-unmasked gives the raw output, as the original Stable Cascade code does",
+    )
     p.add_argument("--control-scale", type=float, default=None, help="controlnet_conditioning_scale (default 1.0)")
     p.add_argument(
         "--shift",
@@ -44,7 +51,8 @@ def control_options(args: argparse.Namespace, cascade: bool) -> tuple[dict, dict
             raise ValueError(f"--shift must be a finite number > 0, got {args.shift}")
         shift = {"prior_shift": args.shift}
     flags = {"--controlnet": args.controlnet, "--control-image": args.control_image, "--mask": args.mask}
-    flags["--control-scale"] = args.control_scale  # --effnet is shared with image-to-image: validate.py checks it
+    flags["--control-scale"] = args.control_scale
+    flags["--keep-unmasked"] = args.keep_unmasked  # --effnet is shared with image-to-image: validate.py checks it
     given = [f for f, v in flags.items() if v is not None]
     if args.control is None:
         if given:
@@ -64,6 +72,8 @@ def control_options(args: argparse.Namespace, cascade: bool) -> tuple[dict, dict
         raise ValueError("--control inpaint needs --mask FILE (white = generate)")
     if args.control != "inpaint" and args.mask is not None:
         raise ValueError(f"--mask is for --control inpaint, not --control {args.control}")
+    if args.control != "inpaint" and args.keep_unmasked is not None:
+        raise ValueError(f"--keep-unmasked is for --control inpaint, not --control {args.control}")
     scale = 1.0 if args.control_scale is None else args.control_scale
     if not scale >= 0 or scale == float("inf"):
         raise ValueError(f"--control-scale must be a finite number >= 0, got {args.control_scale}")
@@ -73,6 +83,23 @@ def control_options(args: argparse.Namespace, cascade: bool) -> tuple[dict, dict
         call["mask_image"] = _image(args.mask, "--mask").convert("L")
     load = {"controlnet": args.controlnet, "control_type": args.control}
     return {**load, "effnet": args.effnet} if args.control == "sr" else load, call
+
+
+def keep_unmasked(images: list, call: dict) -> list:
+    """`--control inpaint`: the control image's unmasked region pasted back into each generated PIL image
+    (`filters.composite`), the image and mask resized to the output first where their size differs (bicubic /
+    nearest; a mask pixel is masked at >= 128 of 255, as the pipeline reads it)."""
+    import numpy as np
+    from PIL import Image
+
+    from wurst_jax.controlnet.filters import composite
+
+    size = images[0].size
+    original, mask = call["control_image"].convert("RGB"), call["mask_image"]
+    original = original if original.size == size else original.resize(size, Image.BICUBIC)
+    mask = np.asarray(mask if mask.size == size else mask.resize(size, Image.NEAREST)) >= 128
+    out = composite(np.asarray(original), np.stack([np.asarray(i.convert("RGB")) for i in images]), mask)
+    return [Image.fromarray(np.rint(x * 255).astype(np.uint8)) for x in out]
 
 
 def _image(path: str, flag: str):

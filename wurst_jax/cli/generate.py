@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from wurst_jax.cli.control import add_control_arguments, control_options
+from wurst_jax.cli.control import add_control_arguments, control_options, keep_unmasked
 from wurst_jax.cli.lora_flags import add_lora_arguments, load_loras, lora_options
 from wurst_jax.cli.validate import DEFAULT_STRENGTH, check_generate, check_image_inputs, tiny_warnings
 from wurst_jax.dtypes import DTYPES
@@ -226,6 +226,8 @@ def generate(args: argparse.Namespace) -> int:
                 pipe(**call)
         images += pipe(**call).images
         done += n
+    if args.control == "inpaint" and args.keep_unmasked is not False:
+        images = keep_unmasked(images, control_call)
     return _save(images, out)
 
 
