@@ -2,12 +2,15 @@
 
 Usage (repo root):  python benchmarks/scan_compile.py --stage prior decoder vqgan --res 1024 [--prior-depth 8]
                     python benchmarks/scan_compile.py --stage stage_c stage_b --res 1024   (Stable Cascade)
+                    python benchmarks/scan_compile.py --stage prior --res 256 --prior-depth 8 --run 5   (run time)
 Each (stage, mode) is lowered and compiled in a fresh child process (no persistent compilation cache, nothing
 shared) from abstract inputs (`jax.ShapeDtypeStruct`: no weights are made): the pipelines' own stage functions,
 `run_loop` for the prior (29 steps, CFG as one batch) and the decoder (12 steps), `decode_images` for the VQGAN;
 Stable Cascade's `run_loop` for stage C (20 steps, CFG) and stage B (10 steps), as `wurst-jax generate` runs them.
 Full-size configs (v2; Stable Cascade's released stage_c / stage_b) in bf16 unless `--prior-depth` /
 `--decoder-blocks` reduce the v2 depth (to fit a slow host).
+`--run N` also runs the compiled loop N times on random weights and inputs made for it (after one untimed call)
+and reports the median seconds per call (`run_s`): scanned against unrolled run time, at a size the host can run.
 Prints one JSON line per measurement and appends them to `--out` (default benchmarks/results.jsonl).
 """
 
@@ -28,7 +31,9 @@ MARK = "SCAN_ROW "
 STAGES = ("prior", "decoder", "vqgan", "stage_c", "stage_b")
 
 
-def measure(stage: str, scan: bool, res: int, batch: int, prior_depth: int, decoder_blocks: tuple | None) -> dict:
+def measure(
+    stage: str, scan: bool, res: int, batch: int, prior_depth: int, decoder_blocks: tuple | None, runs: int = 0
+) -> dict:
     """In this process: lower + compile one stage function at full size (abstract inputs), timed apart."""
     os.environ.setdefault("WURST_JAX_CACHE_DIR", "off")
     sys.path.insert(0, str(ROOT))
@@ -88,15 +93,18 @@ def measure(stage: str, scan: bool, res: int, batch: int, prior_depth: int, deco
     t0 = time.perf_counter()
     if stage == "vqgan":
         jitted = jax.jit(decode_images, static_argnames=("module",))
-        lowered = jitted.lower(variables, sds((batch, hb, hb, 4), jnp.float32), module=module)
+        args = (sds((batch, hb, hb, 4), jnp.float32),)
+        lowered = jitted.lower(variables, *args, module=module)
     else:
         static = dict(module=module, model_fn=model_fn, sampler=DDPMWuerstchen())
         jitted = jax.jit(run_loop, static_argnames=tuple(static))
         args = (sds((batch, *shape), f32), sds((steps + 1,), f32), sds((steps, batch, *shape), f32), cond, uncond)
-        lowered = jitted.lower(variables, *args, sds((), f32), None, **static)
+        args = (*args, sds((), f32), None)
+        lowered = jitted.lower(variables, *args, **static)
     t1 = time.perf_counter()
-    lowered.compile()
+    compiled = lowered.compile()
     t2 = time.perf_counter()
+    run = {} if not runs else dict(run_s=time_runs(compiled, variables, args, runs), runs=runs)
     return dict(
         benchmark="scan_compile",
         stage=stage,
@@ -108,10 +116,34 @@ def measure(stage: str, scan: bool, res: int, batch: int, prior_depth: int, deco
         batch=batch,
         dtype="bfloat16",
         config=config,
+        **run,
         device=jax.devices()[0].device_kind,
         jax=jax.__version__,
         date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     )
+
+
+def time_runs(compiled, variables, args: tuple, runs: int) -> float:
+    """Median seconds of `runs` calls of `compiled` on random weights and inputs (normal × 0.02) of the lowered
+    shapes, after one untimed call. A loop's timesteps run from 1 to 0 as a sampler's do, guidance scale 4."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    make = lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32) * 0.02, s.dtype)  # noqa: E731
+    concrete = [jax.tree.map(make, a) for a in args]  # None (no unconditional batch / adapters) stays None
+    if len(concrete) > 1:  # run_loop: (x, timesteps, noise, cond, uncond, guidance scale, adapters)
+        concrete[1] = jnp.linspace(1.0, 0.0, args[1].shape[0], dtype=args[1].dtype)
+        concrete[-2] = jnp.asarray(4.0, args[-2].dtype)
+    weights = jax.tree.map(make, variables)
+    jax.block_until_ready(compiled(weights, *concrete))
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        jax.block_until_ready(compiled(weights, *concrete))
+        times.append(time.perf_counter() - t)
+    return round(float(np.median(times)), 4)
 
 
 def main(argv=None) -> None:
@@ -122,17 +154,19 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prior-depth", type=int, default=32, help="triples in the prior (v2: 32)")
     p.add_argument("--decoder-blocks", type=int, nargs=4, help="repeats per decoder level (v2: 4 4 14 4)")
+    p.add_argument("--run", type=int, default=0, metavar="N", help="also time N runs of each compiled loop")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results.jsonl"))
     p.add_argument("--child", nargs=2, metavar=("STAGE", "MODE"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     blocks = tuple(a.decoder_blocks) if a.decoder_blocks else None
     if a.child:
-        row = measure(a.child[0], a.child[1] == "scan", a.res, a.batch, a.prior_depth, blocks)
+        row = measure(a.child[0], a.child[1] == "scan", a.res, a.batch, a.prior_depth, blocks, a.run)
         print(MARK + json.dumps(row), flush=True)
         return
     for stage in a.stage:
         for mode in ("unrolled",) if stage == "vqgan" else a.mode:  # the VQGAN has no repeated-block option
             cmd = [sys.executable, __file__, "--child", stage, mode, "--res", str(a.res), "--batch", str(a.batch)]
+            cmd += ["--run", str(a.run)]
             cmd += ["--prior-depth", str(a.prior_depth)] + (["--decoder-blocks", *map(str, blocks)] if blocks else [])
             env = dict(os.environ, WURST_JAX_CACHE_DIR="off")
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -134,3 +134,17 @@ def test_generate_benchmark_sc_tiny(tmp_path):
     assert (
         "| wurst_jax | 1 |" in (tmp_path / "RESULTS.md").read_text() and "Stable Cascade (bench_cascade.py)" in stdout
     )
+
+
+def test_scan_compile_times_compile_and_runs(tmp_path):
+    """benchmarks/scan_compile.py at the full-width v2 prior cut to one triple, 64²: a row per mode, with `--run`
+    the run time of the compiled loop on random weights."""
+    out = tmp_path / "rows.jsonl"
+    run_script(
+        "scan_compile.py", "--stage", "prior", "--res", "64", "--prior-depth", "1", "--run", "1", "--out", str(out)
+    )
+    rows = read_jsonl(out)
+    assert [r["mode"] for r in rows] == ["unrolled", "scan"]
+    for r in rows:
+        assert r["benchmark"] == "scan_compile" and r["stage"] == "prior" and r["config"] == {"depth": 1}
+        assert r["compile_s"] > 0 and r["run_s"] > 0 and r["runs"] == 1
