@@ -151,3 +151,38 @@ def test_tiny_model_warns_about_unknown_words_and_sizes(capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 3
     ok = V.GeneratePlan(plan.model, None, plan.spec, 64, 64, Path("a"), (1,))
     assert V.tiny_warnings(ok, "two red circles at the left on a blue background") == []
+
+
+def test_library_warnings_are_one_prefixed_line_and_a_long_prompt_is_quoted_short(tmp_path, capsys, monkeypatch):
+    """The `wurst_jax` log's warnings reach stderr as `wurst-jax generate: warning: …` lines (one per warning, also
+    after an earlier command in this process); a 500-word prompt's truncation quotes only the cut-off text's ends.
+    Several batches are announced in one line."""
+    import logging
+
+    from wurst_jax.pipelines.prompts import tokenize
+    from wurst_jax.pipelines.tokenizer import load_tokenizer
+
+    class FakePipe:
+        def __call__(self, prompt, num_images_per_prompt, seed, height, width, **kw):
+            tokenize(load_tokenizer(TINY_MODEL / "wuerstchen" / "tokenizer"), [prompt])
+            logging.getLogger("wurst_jax.test").warning("a second warning")
+
+            class Out:
+                images = [Image.fromarray(np.zeros((height, width, 3), np.uint8))] * num_images_per_prompt
+
+            return Out
+
+    import wurst_jax as wj
+
+    monkeypatch.setattr(wj.WuerstchenPipeline, "from_pretrained", classmethod(lambda cls, **kw: FakePipe()))
+    words = " ".join(f"word{i % 7}" for i in range(500))
+    for run in range(2):
+        argv = ["generate", f"a red circle on a blue background {words} end", "--out", str(tmp_path / f"o{run}.png")]
+        assert main([*argv, "--num-images", "3", "--batch-size", "2"]) == 0
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if "tiny model" not in ln]
+        assert lines[0] == "wurst-jax generate: 3 images in 2 batches of up to 2"
+        warned = [ln for ln in lines if ln.startswith("wurst-jax generate: warning: ")]
+        assert len(warned) == 3 - run  # the truncation once per process, then the other warning per batch
+        if run == 0:
+            assert "truncated to CLIP's 77 tokens" in warned[0] and warned[0].endswith(" end'")
+            assert len(warned[0]) < 200

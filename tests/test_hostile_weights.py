@@ -270,7 +270,7 @@ CASES = {
     ),
 }
 # one per reader (each run imports jax, flax and, for .pt, torch: seconds each)
-CLI_CASES = ["overlapping-tensors", "index-names-../outside", "pt-complex"]
+CLI_CASES = ["overlapping-tensors", "index-names-../outside", "pt-complex", "pt-sparse"]  # pt-sparse: torch warns
 
 
 def leftovers(folder: Path) -> list[str]:

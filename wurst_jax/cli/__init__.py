@@ -7,6 +7,7 @@ in the packages (`pipelines`, `weights`, `train`).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import traceback
@@ -74,6 +75,7 @@ def _main(argv: list[str]) -> int:
         "prepare-data": run_prepare,
         "serve": run_serve,
     }
+    _warnings_to_stderr(f"wurst-jax {args.command}")
     output_dir.release_signals()  # a Ctrl-C during the imports (its KeyboardInterrupt maybe eaten) raises here
     try:  # convert and prepare-data report their own errors (exit 2) and interruptions (130)
         return commands[args.command](args)
@@ -89,6 +91,24 @@ def _main(argv: list[str]) -> int:
         # shows where it came from
         print(f"wurst-jax {args.command}: error: {_one_line(e)}{hint}", file=sys.stderr)
         return 2
+
+
+class _Warnings(logging.Handler):
+    """The library's `wurst_jax` log warnings as `wurst-jax COMMAND: warning: …` lines on the current stderr."""
+
+    def __init__(self, name: str):
+        super().__init__(logging.WARNING)
+        self.setFormatter(logging.Formatter(f"{name}: warning: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
+def _warnings_to_stderr(name: str) -> None:
+    log = logging.getLogger("wurst_jax")
+    for h in [h for h in log.handlers if isinstance(h, _Warnings)]:  # the previous command's, in this process
+        log.removeHandler(h)
+    log.addHandler(_Warnings(name))
 
 
 def run() -> None:

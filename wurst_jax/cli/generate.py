@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from wurst_jax.cli.control import add_control_arguments, control_options, keep_unmasked
@@ -217,6 +218,9 @@ def generate(args: argparse.Namespace) -> int:
     if args.effnet is not None and (init_image is not None or (images_in and not cascade)):  # not for sr alone
         pipe.load_effnet(args.effnet, opts["dtype"])
     images, done = [], 0
+    if len(plan.batches) > 1 and not args.quiet:
+        print(f"wurst-jax generate: {sum(plan.batches)} images in {len(plan.batches)} batches of up to "
+              f"{max(plan.batches)}", file=sys.stderr)  # fmt: skip
     for n in plan.batches:  # several batches: image i gets seed + i, whatever the batch size
         seed = args.seed if len(plan.batches) == 1 else [args.seed + done + i for i in range(n)]
         call = dict(prompt=args.prompt, num_images_per_prompt=n, seed=seed, **steps, **common)

@@ -59,6 +59,11 @@ def strip_weights(prompt: str) -> str:
     return "".join(text for text, _ in parse_weighted(prompt))
 
 
+def _ends(text: str, head: int = 48, tail: int = 24) -> str:
+    """`text`, or its first and last characters around " … " when longer: a warning stays one short line."""
+    return text if len(text) <= head + tail + 3 else f"{text[:head]} … {text[-tail:]}"
+
+
 def tokenize(tokenizer, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """prompts → (input_ids, attention_mask), both int32 [N, 77], warning when text is cut off."""
     n = tokenizer.model_max_length
@@ -75,9 +80,10 @@ def tokenize(tokenizer, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         if len(_warned) > 1024:  # a long-running server: bounded memory
             _warned.clear()
         _warned.update(removed)
-        log.warning(
-            f"The following part of your input was truncated because CLIP can only handle {n} tokens: {removed}"
+        cut = ", ".join(repr(_ends(r)) for r in removed[:3]) + (
+            f" and {len(removed) - 3} more" if len(removed) > 3 else ""
         )
+        log.warning(f"prompt truncated to CLIP's {n} tokens; cut off: {cut}")
     return enc.input_ids.astype(np.int32), enc.attention_mask.astype(np.int32)
 
 
@@ -98,7 +104,7 @@ def tokenize_weighted(tokenizer, prompt: str) -> tuple[np.ndarray, np.ndarray, n
         ids += piece
         weights += [w] * len(piece)
     if len(ids) > n - 1:
-        log.warning(f"weighted prompt truncated to {n} tokens: {tokenizer.decode(ids[n - 1 :])!r}")
+        log.warning(f"weighted prompt truncated to {n} tokens; cut off: {_ends(tokenizer.decode(ids[n - 1 :]))!r}")
         ids, weights = ids[: n - 1], weights[: n - 1]
     ids.append(tokenizer.eos_token_id)
     weights.append(1.0)

@@ -229,6 +229,7 @@ class Checkpoints:
             try:
                 return self._restore(s, target, like)
             except Exception as e:  # orbax / tensorstore raise many kinds for a damaged checkpoint
+                quiet_abandoned_reads()
                 why = " ".join(str(e).split())[:200]
                 print(
                     f"checkpoint step {s} in {self.manager.directory} does not restore ({type(e).__name__}: {why}); "
@@ -239,6 +240,23 @@ class Checkpoints:
 
     def _restore(self, step: int, target: Any, like: TrainState) -> TrainState:
         return TrainState(**self.manager.restore(step, args=ocp.args.StandardRestore(target)), frozen=like.frozen)
+
+
+def quiet_abandoned_reads() -> None:
+    """After a failed restore, tensorstore may finish the checkpoint's other reads from its own threads and post
+    them to orbax's event loop, already closed: each is reported through `sys.unraisablehook` as a bare
+    "RuntimeError: Event loop is closed" traceback. From then on this process drops exactly those reports (the
+    failure itself was reported in one line); every other unraisable exception still reaches the hook."""
+    hook = sys.unraisablehook
+    if getattr(hook, "drops_closed_loop_reports", False):
+        return
+
+    def unraisable(u: Any) -> None:
+        if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+            hook(u)
+
+    unraisable.drops_closed_loop_reports = True
+    sys.unraisablehook = unraisable
 
 
 def _saved(state: TrainState) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,7 +47,9 @@ def read_torch_checkpoint(
     except ImportError:
         raise WeightsError(f"{path}: reading .pt checkpoints needs PyTorch (pip install torch)") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with warnings.catch_warnings():  # torch's own notes while rebuilding tensors ("sparse … in beta state"):
+            warnings.simplefilter("ignore")  # such tensors are refused just below, in one line of ours
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         raise WeightsError(
             f"{path}: refused: the pickle holds objects other than tensors and plain containers, which could run "
