@@ -18,7 +18,7 @@ by its time limit keeps what it got; `--budget-s` stops starting new work so the
  6. Stable Cascade (`--sc-config`, default `sc`: stage C + B + VQGAN at 1024², 20 + 10 steps) batch 1, one
     `cascade` row (generate_benchmark's sc child: warm-up call → `compile_s`, then prior / decoder pipeline calls).
  7. with the time left: `cold` and `steady` batch 1 with no block scanned and with the decoder's scanned too (rows
-    carry `scan_blocks`: `default` = the pipelines' choice, the prior's triples scanned; `none`; `all`).
+    carry `scan_blocks`: `default` = the pipelines' choice, nothing scanned; `prior`; `all`).
 Every row carries device, date, the jax/jaxlib/flax/torch/diffusers versions, config, batch, resolution and dtype.
 The stage functions and helpers are `generate_benchmark.py`'s (the pipelines' own `run_loop`, one jit per stage).
 """
@@ -110,7 +110,8 @@ def child(a) -> None:
     mods = gb.build_modules(cfg, {"bf16": jnp.bfloat16, "f32": jnp.float32}[a.dtype])
     from wurst_jax.pipelines.runner import SCAN_BLOCKS  # the pipelines' defaults: what users run
 
-    scan = {"all": dict(prior=True, decoder=True), "none": {}}.get(a.scan_blocks, SCAN_BLOCKS)
+    choices = {"all": dict(prior=True, decoder=True), "prior": dict(prior=True), "none": {}}
+    scan = choices.get(a.scan_blocks, SCAN_BLOCKS)
     mods = {k: m.clone(scan_blocks=scan.get(k, False)) if k in ("prior", "decoder") else m for k, m in mods.items()}
     var = jax.block_until_ready({k: fast_init(m, i) for i, (k, m) in enumerate(mods.items())})
     dev = jax.devices()[0]
@@ -230,7 +231,7 @@ class Suite:
         if self.a.sc_config != "none" and not self.a.short:  # after every v2 row: Stable Cascade, batch 1
             self.cascade(1)
         if self.a.scan_blocks == "default" and not self.a.short:  # what time is left: the other scan choices, b1
-            self.jax(1, "measure", "none")
+            self.jax(1, "measure", "prior")
             self.jax(1, "measure", "all")
         print(f"gpu_suite: done in {time.time() - self.t0:.1f} s; rows in {self.out / 'results.jsonl'}", flush=True)
 
@@ -262,9 +263,9 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None, help="timed calls after the cold one (default 3, --short 1)")
     ap.add_argument(
         "--scan-blocks",
-        choices=["default", "all", "none"],
+        choices=["default", "prior", "all", "none"],
         default="default",
-        help="repeated blocks as one lax.scan: the pipelines' default (prior only), prior and decoder, or none",
+        help="repeated blocks as one lax.scan: the pipelines' default (none), the prior's, prior and decoder, or none",
     )
     ap.add_argument(
         "--sc-config", choices=[*gb.bc.CONFIGS, "none"], default="sc", help="Stable Cascade row (not --short)"

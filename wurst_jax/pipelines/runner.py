@@ -9,11 +9,13 @@ run as one batch inside the loop. Batches are padded to the mesh's data axis; th
 
 `scan_blocks` runs a model's repeated blocks (modules with a `scan_blocks` field: the prior's triples, the
 decoder's level repeats, Stable Cascade's level repeats) as one `lax.scan` inside the loop, so XLA compiles one
-repeat instead of all of them. The default per model kind (`SCAN_BLOCKS`, registry kinds) is measured
-(benchmarks/scan_compile.py, RESULTS.md): the v2 prior's 32 triples compile twice as fast scanned; the v2 decoder,
-whose compile time is mostly its high-resolution levels, does not compile faster scanned, so it stays unrolled;
-Stable Cascade's stage C and stage B (`cascade_unet`) compile 1.7× and 2.4× as fast scanned. Outputs equal
-(tests/test_inference_scan.py, tests/test_cascade_inference_scan.py).
+repeat instead of all of them. Measured (benchmarks/scan_compile.py, RESULTS.md), it compiles up to 2.4× as fast
+but runs slower: each sampling step slices every repeat's weights out of the stacked parameters again (a copy of
+the stage's weights per step). On the CPU, bf16, the v2 prior's loop ran 1.25× (8 triples, 256²) and 1.76×
+(32 triples, 128²) as long scanned, Stable Cascade's stage B loop 2.1× (128²). Compiling is paid once per
+machine (the persistent cache and the kept programs of `wurst_jax.warm`), running on every image, so every kind
+runs unrolled by default (`SCAN_BLOCKS`); `StageRunner.scan_blocks = True` (or an entry in `SCAN_BLOCKS`) scans
+where compile time matters more. Outputs equal (tests/test_inference_scan.py, tests/test_cascade_inference_scan.py).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from wurst_jax.samplers import Sampler, denoise_loop, guided
 from wurst_jax.sharding import ShardingPlan
 
 # registry kind -> inference default (others: unrolled); see the module docstring
-SCAN_BLOCKS = {"prior": True, "decoder": False, "cascade_unet": True}
+SCAN_BLOCKS: dict[str, bool] = {"prior": False, "decoder": False, "cascade_unet": False}
 # run_loop's positional arguments: the batch axis of each (None: replicated), for `ShardingPlan.per_device`
 LOOP_AXES = (None, 0, None, 1, 0, 0, None, 0, None)
 ModelFn = Callable[[Any, Any, jax.Array, jax.Array, dict], jax.Array]  # (module, variables, x, r, conditioning)
