@@ -88,7 +88,7 @@ def control_options(args: argparse.Namespace, cascade: bool) -> tuple[dict, dict
 def keep_unmasked(images: list, call: dict) -> list:
     """`--control inpaint`: the control image's unmasked region pasted back into each generated PIL image
     (`filters.composite`), the image and mask resized to the output first where their size differs (bicubic /
-    nearest; a mask pixel is masked at >= 128 of 255, as the pipeline reads it)."""
+    nearest); the mask read as the pipeline reads it (grey / 255, masked above 0.5)."""
     import numpy as np
     from PIL import Image
 
@@ -97,7 +97,7 @@ def keep_unmasked(images: list, call: dict) -> list:
     size = images[0].size
     original, mask = call["control_image"].convert("RGB"), call["mask_image"]
     original = original if original.size == size else original.resize(size, Image.BICUBIC)
-    mask = np.asarray(mask if mask.size == size else mask.resize(size, Image.NEAREST)) >= 128
+    mask = np.asarray(mask if mask.size == size else mask.resize(size, Image.NEAREST), np.float32) / 255
     out = composite(np.asarray(original), np.stack([np.asarray(i.convert("RGB")) for i in images]), mask)
     return [Image.fromarray(np.rint(x * 255).astype(np.uint8)) for x in out]
 
